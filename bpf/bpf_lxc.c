@@ -1,0 +1,138 @@
+/* tc programs on each endpoint's host-side veth, in the node namespace.
+ *
+ * cil_from_container: tc ingress of the host-side veth = packets leaving the pod (its egress
+ *                     policy).
+ * cil_to_container:   tc egress of the host-side veth = packets entering the pod (its ingress
+ *                     policy).
+ *
+ * The programs are compiled once; which endpoint a packet belongs to comes from the
+ * endpoint map (its source address leaving the pod, its destination entering it), and the
+ * endpoint must own the device the program runs on.
+ */
+#include "lib/common.h"
+#include "lib/drop_reasons.h"
+#include "lib/eth.h"
+#include "lib/ipv4.h"
+#include "lib/l4.h"
+#include "lib/maps.h"
+#include "lib/ipcache.h"
+#include "lib/metrics.h"
+#include "lib/events.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
+
+/* Enough linear bytes for Ethernet + IPv4 with options + an ICMP error's quoted headers. */
+#define LXC_PULL_LEN 160
+
+/* What the single exit of each program needs to report a drop or a trace. */
+struct lxc_flow {
+	__u32 src_label;
+	__u32 dst_label;
+	__u16 ep_id;
+	__u16 dst_id;
+	__u8 ct_ret;
+	__u8 report;
+};
+
+static __always_inline int lxc4_parse(struct __sk_buff *ctx, struct pkt4 *p)
+{
+	void *data, *data_end;
+	int ret;
+
+	if (ctx->data_end - ctx->data < LXC_PULL_LEN && ctx->len > ctx->data_end - ctx->data)
+		bpf_skb_pull_data(ctx, ctx->len < LXC_PULL_LEN ? ctx->len : LXC_PULL_LEN);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	ret = ipv4_parse(data, data_end, p);
+	if (ret != 0)
+		return ret;
+	p->len = ctx->len;
+	return l4_parse(data, data_end, p);
+}
+
+static __always_inline int lxc4_handle(struct __sk_buff *ctx, struct pkt4 *p, int dir,
+				       struct lxc_flow *f)
+{
+	struct endpoint_info *ep, *peer;
+	struct ct_state st = {};
+	__u32 remote_id;
+	int ret;
+
+	if (dir == CT_EGRESS) {
+		ep = lookup_ip4_endpoint(p->saddr);
+		if (!ep || ep->ifindex != ctx->ifindex)
+			return -DROP_INVALID_SIP; /* not the address this pod was given */
+		peer = lookup_ip4_endpoint(p->daddr);
+		remote_id = ipcache4_lookup_identity(p->daddr);
+		f->src_label = ep->sec_id;
+		f->dst_label = remote_id;
+		f->ep_id = ep->lxc_id;
+		f->dst_id = peer ? peer->lxc_id : 0;
+	} else {
+		ep = lookup_ip4_endpoint(p->daddr);
+		remote_id = ipcache4_lookup_identity(p->saddr);
+		f->src_label = remote_id;
+		if (!ep || ep->ifindex != ctx->ifindex)
+			return -DROP_UNKNOWN_TARGET;
+		f->dst_label = ep->sec_id;
+		f->ep_id = ep->lxc_id;
+		f->dst_id = ep->lxc_id;
+	}
+
+	ret = ct_lookup4(p, dir, &st);
+	f->ct_ret = ret;
+	f->report = st.report;
+	if (ret != CT_NEW)
+		return 0; /* established, reply and related traffic skip policy */
+
+	ret = policy_can_access4(ctx, ep, remote_id, p, dir);
+	if (ret < 0)
+		return ret;
+	ret = ct_create4(p, dir, f->src_label, ctx->ifindex);
+	if (ret < 0)
+		return ret;
+	f->report = 1;
+	return 0;
+}
+
+/* The one exit of both programs: a negative verdict is a drop with its reason. */
+static __always_inline int lxc_finish(struct __sk_buff *ctx, int ret, int dir,
+				      const struct lxc_flow *f)
+{
+	__u8 metric_dir = dir == CT_EGRESS ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
+
+	if (ret > 0)
+		return CTX_ACT_OK; /* not IP: ARP is left to the kernel */
+	if (ret < 0) {
+		send_drop_notify_skb(ctx, f->ep_id, f->src_label, f->dst_label, f->dst_id, -ret,
+				     metric_dir, 0);
+		return CTX_ACT_DROP;
+	}
+	metrics_update(REASON_FORWARDED, metric_dir, ctx->len);
+	if (f->report)
+		send_trace_notify_skb(ctx, dir == CT_EGRESS ? TRACE_FROM_ENDPOINT : TRACE_TO_ENDPOINT,
+				      f->ep_id, f->src_label, f->dst_label, f->dst_id, f->ct_ret);
+	return CTX_ACT_OK;
+}
+
+int cil_from_container(struct __sk_buff *ctx)
+{
+	struct lxc_flow f = {};
+	struct pkt4 p = {};
+	int ret = lxc4_parse(ctx, &p);
+
+	if (ret == 0)
+		ret = lxc4_handle(ctx, &p, CT_EGRESS, &f);
+	return lxc_finish(ctx, ret, CT_EGRESS, &f);
+}
+
+int cil_to_container(struct __sk_buff *ctx)
+{
+	struct lxc_flow f = {};
+	struct pkt4 p = {};
+	int ret = lxc4_parse(ctx, &p);
+
+	if (ret == 0)
+		ret = lxc4_handle(ctx, &p, CT_INGRESS, &f);
+	return lxc_finish(ctx, ret, CT_INGRESS, &f);
+}

@@ -1,0 +1,18 @@
+/* Drop reasons. Programs return these negated; the numbers are Hubble's DropReason enum
+ * (reference §5), so a drop carries its real reason from the datapath to `hubble observe`. */
+#ifndef CILIUMPY_DROP_REASONS_H
+#define CILIUMPY_DROP_REASONS_H
+
+#define REASON_FORWARDED 0 /* metrics key for forwarded packets */
+
+#define DROP_INVALID_SIP 132
+#define DROP_POLICY 133 /* no allow entry matched */
+#define DROP_INVALID 134
+#define DROP_CT_INVALID_HDR 135
+#define DROP_UNKNOWN_L3 139
+#define DROP_UNKNOWN_TARGET 152 /* no local endpoint owns the destination */
+#define DROP_FRAG_NOSUPPORT 157
+#define DROP_CT_CREATE_FAILED 155
+#define DROP_POLICY_DENY 181 /* an explicit deny entry matched */
+
+#endif /* CILIUMPY_DROP_REASONS_H */

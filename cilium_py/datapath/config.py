@@ -1,0 +1,58 @@
+"""What one node's datapath is built with: where its maps live and the compile-time knobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from cilium_py import defaults
+
+EVENT_BACKENDS = ("ringbuf", "perf")
+AGGREGATION_LEVELS = {"none": 0, "medium": 2}
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    node: str = defaults.NODE_NAME
+    bpf_root: str = defaults.BPF_ROOT
+    ct_global_tcp_max: int = defaults.CT_GLOBAL_TCP_MAX
+    ct_global_any_max: int = defaults.CT_GLOBAL_ANY_MAX
+    ct_timeout_tcp: int = defaults.CT_TIMEOUT_REGULAR_TCP
+    ct_timeout_syn: int = defaults.CT_TIMEOUT_REGULAR_TCP_SYN
+    ct_timeout_fin: int = defaults.CT_TIMEOUT_REGULAR_TCP_FIN
+    ct_timeout_any: int = defaults.CT_TIMEOUT_REGULAR_ANY
+    events: str = "ringbuf"
+    monitor_aggregation: str = defaults.MONITOR_AGGREGATION
+
+    def __post_init__(self):
+        if self.events not in EVENT_BACKENDS:
+            raise ValueError(f"events must be one of {', '.join(EVENT_BACKENDS)}, not {self.events!r}")
+        if self.monitor_aggregation not in AGGREGATION_LEVELS:
+            raise ValueError(f"monitor aggregation must be one of {', '.join(AGGREGATION_LEVELS)}, "
+                             f"not {self.monitor_aggregation!r}")
+        if not self.node or "/" in self.node:
+            raise ValueError(f"node name {self.node!r} must be non-empty and contain no '/'")
+
+    @property
+    def pin_dir(self) -> str:
+        return os.path.join(self.bpf_root, self.node)
+
+    @property
+    def prog_dir(self) -> str:
+        return os.path.join(self.pin_dir, "progs")
+
+    def cflags(self) -> list[str]:
+        flags = [
+            f'-DPIN_ROOT="{self.pin_dir}"',
+            f"-DCT_MAP_SIZE_TCP={self.ct_global_tcp_max}",
+            f"-DCT_MAP_SIZE_ANY={self.ct_global_any_max}",
+            f"-DCT_TIMEOUT_TCP={self.ct_timeout_tcp}",
+            f"-DCT_TIMEOUT_SYN={self.ct_timeout_syn}",
+            f"-DCT_TIMEOUT_CLOSE={self.ct_timeout_fin}",
+            f"-DCT_TIMEOUT_ANY={self.ct_timeout_any}",
+            f"-DMONITOR_AGGREGATION={AGGREGATION_LEVELS[self.monitor_aggregation]}",
+            f"-DEVENTS_RINGBUF_PAGES={defaults.EVENTS_RINGBUF_PAGES}",
+        ]
+        if self.events == "perf":
+            flags.append("-DEVENTS_PERF")
+        return flags

@@ -1,0 +1,186 @@
+"""The few libbpf calls BCC's Python lacks: opening pinned objects, pinning, map access by
+fd (so the CLI can read pinned maps without compiling anything), batch lookups, and
+BPF_PROG_TEST_RUN.
+
+libbpf >= 1.0 returns -errno from every call; `_check` turns that into OSError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+
+class BpfTestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class BpfMapBatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class BpfMapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ctypes.CDLL(name, use_errno=True)
+    vp, c_int, u32p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)
+    signatures = {
+        "bpf_obj_get": ([ctypes.c_char_p], c_int),
+        "bpf_obj_pin": ([c_int, ctypes.c_char_p], c_int),
+        "bpf_map_lookup_elem": ([c_int, vp, vp], c_int),
+        "bpf_map_update_elem": ([c_int, vp, vp, ctypes.c_uint64], c_int),
+        "bpf_map_delete_elem": ([c_int, vp], c_int),
+        "bpf_map_get_next_key": ([c_int, vp, vp], c_int),
+        "bpf_map_lookup_batch": ([c_int, vp, vp, vp, vp, u32p, vp], c_int),
+        "bpf_map_delete_batch": ([c_int, vp, u32p, vp], c_int),
+        "bpf_obj_get_info_by_fd": ([c_int, vp, u32p], c_int),
+        "bpf_prog_test_run_opts": ([c_int, ctypes.POINTER(BpfTestRunOpts)], c_int),
+    }
+    for fname, (args, res) in signatures.items():
+        fn = getattr(lib, fname)
+        fn.argtypes = args
+        fn.restype = res
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        code = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return ret
+
+
+def obj_get(path: str) -> int:
+    """Opens a pinned map or program and returns a new fd."""
+    return _check(_lib().bpf_obj_get(os.fsencode(path)), f"open pinned object {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin at {path}")
+
+
+def map_info(fd: int) -> BpfMapInfo:
+    info = BpfMapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    ret = _lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map lookup")
+    return True
+
+
+def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
+    _check(_lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags), "map update")
+
+
+def map_delete(fd: int, key) -> bool:
+    ret = _lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """Fills next_key with the key after `key` (the first key when key is None)."""
+    ret = _lib().bpf_map_get_next_key(fd, ctypes.byref(key) if key is not None else None,
+                                      ctypes.byref(next_key))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map iteration")
+    return True
+
+
+def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
+    """Yields (key, value) pairs in batches. Raises OSError(EINVAL/ENOTSUPP) for map types
+    without batch support (LPM tries), so callers can fall back to key iteration."""
+    keys = (key_type * batch)()
+    values = (value_type * batch)()
+    in_batch = ctypes.c_uint64(0)
+    out_batch = ctypes.c_uint64(0)
+    opts = BpfMapBatchOpts(sz=ctypes.sizeof(BpfMapBatchOpts))
+    first = True
+    while True:
+        count = ctypes.c_uint32(batch)
+        ret = _lib().bpf_map_lookup_batch(
+            fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+            keys, values, ctypes.byref(count), ctypes.byref(opts))
+        done = ret == -errno.ENOENT
+        if ret < 0 and not done:
+            _check(ret, "map batch lookup")
+        for i in range(count.value):
+            yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
+        if done:
+            return
+        in_batch.value = out_batch.value
+        first = False
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None,
+                  data_out_size: int = 0) -> tuple[int, int, bytes]:
+    """Runs a loaded program on one packet: (return value, ns per run, packet out)."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    out_size = data_out_size or len(data) + 256
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts))
+    opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
+    opts.data_size_in = len(data)
+    opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+    opts.data_size_out = out_size
+    opts.repeat = repeat
+    ctx_buf = None
+    if ctx is not None:
+        ctx_buf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctx_buf, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+    _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval, opts.duration, data_out.raw[: opts.data_size_out]
