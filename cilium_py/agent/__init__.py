@@ -1,0 +1,1 @@
+"""The per-node agent: endpoints, conntrack GC, event relay."""

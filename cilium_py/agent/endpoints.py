@@ -1,0 +1,179 @@
+"""Endpoints: a pod network namespace joined to the node namespace by a veth pair, with an
+address, routes, a gateway, its entries in the endpoint map and ipcache, and the datapath's
+programs on the host-side veth.
+
+No compile happens here: the programs are the agent's pinned ones (DESIGN.md §3), so an
+endpoint costs a namespace, a veth pair and a few map writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from cilium_py.datapath import attach, netns
+from cilium_py.datapath.config import DatapathConfig
+from cilium_py.datapath.loader import open_pinned_program
+from cilium_py.datapath.maps.endpoints import Endpoint, EndpointMap
+from cilium_py.datapath.maps.ipcache import IPCacheMap
+from cilium_py.datapath.maps.policy import PolicyMap
+
+log = logging.getLogger(__name__)
+
+MAX_ENDPOINT_ID = 65535
+POD_IFNAME = "eth0"
+PROGRAMS = (("cil_from_container", attach.INGRESS), ("cil_to_container", attach.EGRESS))
+
+
+class EndpointError(RuntimeError):
+    """An endpoint could not be created or removed; nothing half-made is left behind."""
+
+
+@dataclass(frozen=True)
+class EndpointHandle:
+    name: str
+    endpoint_id: int
+    ip: ipaddress.IPv4Address
+    identity: int
+    netns: str
+    host_ifname: str
+    ifindex: int
+
+
+def host_ifname(pod_netns: str) -> str:
+    """A stable, unique device name under the 15-byte limit, like Cilium's lxcXXXX."""
+    return "lxc" + hashlib.sha256(pod_netns.encode()).hexdigest()[:11]
+
+
+class EndpointManager:
+    def __init__(self, config: DatapathConfig, node_netns: str, router_ip):
+        self.config = config
+        self.node_netns = node_netns
+        self.router_ip = ipaddress.IPv4Address(router_ip)
+        self.endpoints = EndpointMap(config.pin_dir)
+        self.ipcache = IPCacheMap(config.pin_dir)
+        self.policy = PolicyMap(config.pin_dir)
+
+    def pod_netns(self, name: str) -> str:
+        return f"{self.node_netns}-pod-{name}"
+
+    def _allocate_id(self) -> int:
+        used = {e.endpoint_id for e in self.endpoints.list()}
+        for candidate in range(1, MAX_ENDPOINT_ID + 1):
+            if candidate not in used:
+                return candidate
+        raise EndpointError("no free endpoint ID: 65535 endpoints exist on this node")
+
+    def create(self, name: str, ip, identity: int) -> EndpointHandle:
+        ip = ipaddress.IPv4Address(ip)
+        if self.endpoints.get(ip) is not None:
+            raise EndpointError(f"endpoint {name}: IP {ip} is already used by another endpoint")
+        pod_ns = self.pod_netns(name)
+        if netns.exists(pod_ns):
+            raise EndpointError(f"endpoint {name}: namespace {pod_ns} already exists")
+        ifname = host_ifname(pod_ns)
+        endpoint_id = self._allocate_id()
+        netns.create(pod_ns)
+        try:
+            with netns.entered(self.node_netns), IPRoute() as ipr:
+                ipr.link("add", ifname=ifname, kind="veth",
+                         peer={"ifname": POD_IFNAME, "net_ns_fd": pod_ns})
+                ifindex = ipr.link_lookup(ifname=ifname)[0]
+                node_mac = ipr.get_links(ifindex)[0].get_attr("IFLA_ADDRESS")
+            mac = self._setup_pod(pod_ns, ip, node_mac)
+            # Map entries before programs and link: the first packet must find its endpoint.
+            self.endpoints.upsert(ip, endpoint_id=endpoint_id, ifindex=ifindex, identity=identity,
+                                  mac=mac, node_mac=node_mac)
+            self.ipcache.upsert(ip, identity)
+            with netns.entered(self.node_netns), IPRoute() as ipr:
+                self._attach(ipr, ifindex)
+                ipr.link("set", index=ifindex, state="up")
+                ipr.route("add", dst=f"{ip}/32", oif=ifindex, scope="link")
+        except BaseException as e:
+            self._teardown(pod_ns, ip, endpoint_id)
+            if isinstance(e, Exception):
+                raise EndpointError(f"endpoint {name}: {e}") from e
+            raise
+        return EndpointHandle(name, endpoint_id, ip, identity, pod_ns, ifname, ifindex)
+
+    def _setup_pod(self, pod_ns: str, ip: ipaddress.IPv4Address, node_mac: str) -> str:
+        # IPv4 only for now: without IPv6 the pod sends no router solicitations to be dropped.
+        netns.write_sysctls(pod_ns, {"net.ipv6.conf.all.disable_ipv6": 1,
+                                     "net.ipv6.conf.default.disable_ipv6": 1})
+        with netns.entered(pod_ns), IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            idx = ipr.link_lookup(ifname=POD_IFNAME)[0]
+            mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+            ipr.addr("add", index=idx, address=str(ip), prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{self.router_ip}/32", oif=idx, scope="link")
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(self.router_ip), oif=idx)
+            # The gateway's MAC is the host-side veth: no ARP round trip, and no ARP
+            # responder needed in the datapath.
+            ipr.neigh("add", dst=str(self.router_ip), lladdr=node_mac, ifindex=idx, state="permanent")
+        return mac
+
+    def _attach(self, ipr: IPRoute, ifindex: int, prog_fds: dict[str, int] | None = None) -> None:
+        for prog, direction in PROGRAMS:
+            if prog_fds is not None:
+                attach.attach_tc(ipr, ifindex, prog_fds[prog], direction, prog)
+                continue
+            fd = open_pinned_program(self.config, prog)
+            try:
+                attach.attach_tc(ipr, ifindex, fd, direction, prog)
+            finally:
+                os.close(fd)
+
+    def reattach_all(self, prog_fds: dict[str, int]) -> int:
+        """Puts new programs on every endpoint's device, replacing the old ones in place.
+        Returns how many endpoints were updated."""
+        count = 0
+        with netns.entered(self.node_netns), IPRoute() as ipr:
+            present = {link["index"] for link in ipr.get_links()}
+            for ep in self.endpoints.list():
+                if ep.is_host or ep.ifindex not in present:
+                    continue
+                self._attach(ipr, ep.ifindex, prog_fds)
+                count += 1
+        return count
+
+    def delete(self, name: str) -> None:
+        pod_ns = self.pod_netns(name)
+        ep = self._find(pod_ns)
+        self._teardown(pod_ns, ep.ip if ep else None, ep.endpoint_id if ep else None)
+
+    def _find(self, pod_ns: str) -> Endpoint | None:
+        ifname = host_ifname(pod_ns)
+        with netns.entered(self.node_netns), IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return None
+        return next((e for e in self.endpoints.list() if e.ifindex == found[0]), None)
+
+    def _teardown(self, pod_ns: str, ip, endpoint_id: int | None) -> None:
+        """Removes whatever exists of an endpoint; safe to call on a half-made one."""
+        if ip is not None:
+            self.endpoints.remove(ip)
+            self.ipcache.remove(ip)
+        if endpoint_id is not None:
+            for key in self.policy.entries(endpoint_id):
+                self.policy.remove(key)
+        if netns.exists(self.node_netns):
+            with netns.entered(self.node_netns), IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=host_ifname(pod_ns))
+                if found:
+                    ipr.link("del", index=found[0])  # takes the pod-side peer and route with it
+        netns.remove(pod_ns)
+
+    def list(self) -> list[Endpoint]:
+        return [e for e in self.endpoints.list() if not e.is_host]
+
+    def close(self) -> None:
+        self.endpoints.close()
+        self.ipcache.close()
+        self.policy.close()

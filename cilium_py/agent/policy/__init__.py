@@ -1,0 +1,1 @@
+"""Policy: resolved rules to per-endpoint policy-map state, and writing that state."""

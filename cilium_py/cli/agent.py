@@ -1,0 +1,54 @@
+"""`ciliumpy agent`: run the node agent in the foreground."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cilium_py import defaults
+from cilium_py.agent.daemon import Agent, AgentConfig, AgentError
+from cilium_py.datapath.config import AGGREGATION_LEVELS, EVENT_BACKENDS, DatapathConfig
+from cilium_py.datapath.loader import DatapathError
+
+
+@click.command()
+@click.option("--node", envvar="CILIUMPY_NODE", default=defaults.NODE_NAME, show_default=True)
+@click.option("--bpf-root", envvar="CILIUMPY_BPF_ROOT", default=defaults.BPF_ROOT, show_default=True)
+@click.option("--run-dir", envvar="CILIUMPY_RUN_DIR", default=defaults.RUN_DIR, show_default=True)
+@click.option("--node-netns", required=True, help="network namespace of the node's devices")
+@click.option("--device", "devices", multiple=True, help="node device for the XDP prefilter")
+@click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+@click.option("--node-ip", "node_ips", multiple=True, help="an address of the node (reserved:host)")
+@click.option("--bpf-ct-global-tcp-max", type=int, default=defaults.CT_GLOBAL_TCP_MAX, show_default=True)
+@click.option("--bpf-ct-global-any-max", type=int, default=defaults.CT_GLOBAL_ANY_MAX, show_default=True)
+@click.option("--bpf-ct-timeout-regular-tcp", type=int, default=defaults.CT_TIMEOUT_REGULAR_TCP, show_default=True)
+@click.option("--bpf-ct-timeout-regular-tcp-syn", type=int, default=defaults.CT_TIMEOUT_REGULAR_TCP_SYN, show_default=True)
+@click.option("--bpf-ct-timeout-regular-tcp-fin", type=int, default=defaults.CT_TIMEOUT_REGULAR_TCP_FIN, show_default=True)
+@click.option("--bpf-ct-timeout-regular-any", type=int, default=defaults.CT_TIMEOUT_REGULAR_ANY, show_default=True)
+@click.option("--conntrack-gc-interval", type=float, default=defaults.CT_GC_INTERVAL, show_default=True)
+@click.option("--events", type=click.Choice(EVENT_BACKENDS), default="ringbuf", show_default=True,
+              help="event transport: BPF ring buffer or perf buffer")
+@click.option("--monitor-aggregation", type=click.Choice(list(AGGREGATION_LEVELS)), default="medium",
+              show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_ct_global_tcp_max,
+          bpf_ct_global_any_max, bpf_ct_timeout_regular_tcp, bpf_ct_timeout_regular_tcp_syn,
+          bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, conntrack_gc_interval,
+          events, monitor_aggregation, verbose):
+    """Run the node agent: load the datapath and keep it running."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    datapath = DatapathConfig(
+        node=node, bpf_root=bpf_root, ct_global_tcp_max=bpf_ct_global_tcp_max,
+        ct_global_any_max=bpf_ct_global_any_max, ct_timeout_tcp=bpf_ct_timeout_regular_tcp,
+        ct_timeout_syn=bpf_ct_timeout_regular_tcp_syn, ct_timeout_fin=bpf_ct_timeout_regular_tcp_fin,
+        ct_timeout_any=bpf_ct_timeout_regular_any, events=events,
+        monitor_aggregation=monitor_aggregation)
+    config = AgentConfig(datapath=datapath, node_netns=node_netns, devices=tuple(devices),
+                         xdp_mode=xdp_mode, run_dir=run_dir, gc_interval=conntrack_gc_interval,
+                         node_ips=tuple(node_ips))
+    try:
+        Agent(config).run_forever()
+    except (AgentError, DatapathError) as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,24 @@
+"""The `ciliumpy` command: thin click commands over the library."""
+
+from __future__ import annotations
+
+import click
+
+from cilium_py import __version__
+from cilium_py.cli.agent import agent
+from cilium_py.cli.bpf import bpf
+from cilium_py.cli.monitor import monitor
+
+
+@click.group()
+@click.version_option(__version__, prog_name="ciliumpy")
+def cli():
+    """ciliumpy: eBPF networking and security for Kubernetes, in Python."""
+
+
+cli.add_command(agent)
+cli.add_command(bpf)
+cli.add_command(monitor)
+
+if __name__ == "__main__":
+    cli()

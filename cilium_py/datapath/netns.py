@@ -1,0 +1,66 @@
+"""Named network namespaces (/run/netns/NAME, as `ip netns` makes them) and the few things
+done inside one that netlink does not cover: sysctls and running a process.
+
+setns(2) moves only the calling thread, so `entered()` is safe in a threaded agent as long
+as the block does not hand work to other threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+
+from pyroute2 import netns as _netns
+
+NETNS_DIR = "/var/run/netns"
+
+
+def path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(path(name))
+
+
+def create(name: str) -> None:
+    _netns.create(name)
+
+
+def remove(name: str) -> None:
+    """Removes the namespace if it exists; its devices go with it."""
+    if exists(name):
+        _netns.remove(name)
+
+
+def list_names(prefix: str = "") -> list[str]:
+    return sorted(n for n in _netns.listnetns() if n.startswith(prefix))
+
+
+@contextlib.contextmanager
+def entered(name: str):
+    """Runs the block with this thread inside the namespace."""
+    _netns.pushns(name)
+    try:
+        yield
+    finally:
+        _netns.popns()
+
+
+def write_sysctls(name: str, values: dict[str, str | int]) -> None:
+    """Writes net.* sysctls of one namespace: /proc/sys/net resolves to the namespace of
+    the thread that opens it."""
+    with entered(name):
+        for key, value in values.items():
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(str(value))
+
+
+def run(name: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Runs a command inside the namespace (a child process that joins it before exec)."""
+    return subprocess.run(argv, preexec_fn=lambda: _netns.setns(name), **kwargs)
+
+
+def popen(name: str, argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=lambda: _netns.setns(name), **kwargs)
