@@ -1,0 +1,60 @@
+# ciliumpy. `make demo` and `make test` are the two commands a newcomer runs; both set the
+# machine up first (idempotent). Everything here runs as root: it loads BPF programs and
+# creates network namespaces.
+
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PIP        := $(VENV)/bin/pip
+KREL       := $(shell uname -r)
+HDR_BUILD  := /usr/src/linux-headers-6.1.0-56-amd64
+HDR_COMMON := /usr/src/linux-headers-6.1.0-56-common
+APT_PKGS   := python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv \
+              iproute2 iputils-ping iperf3 procps
+STAMP      := $(VENV)/.setup-done
+
+.PHONY: setup test test-unit test-bpf test-netns demo bench clean-lab lint
+
+setup: $(STAMP) bpffs headers
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	# Debian's python, so the venv matches the interpreter python3-bpfcc was built for.
+	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	# Expose only Debian's bcc package, not all of dist-packages.
+	ln -sfn /usr/lib/python3/dist-packages/bcc $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	$(PY) -c 'import bcc, pyroute2, scapy' 
+	touch $(STAMP)
+
+# BCC compiles against the running kernel's headers; Debian ships 6.1 headers for any
+# kernel, so point the running kernel's build/source links at them when missing.
+headers:
+	@if [ ! -e /lib/modules/$(KREL)/build ]; then \
+	  mkdir -p /lib/modules/$(KREL); \
+	  ln -sfn $$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1) /lib/modules/$(KREL)/build; \
+	  ln -sfn $$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -1) /lib/modules/$(KREL)/source; \
+	fi
+
+bpffs:
+	@mount | grep -q ' /sys/fs/bpf type bpf' || mount -t bpf bpf /sys/fs/bpf
+
+test: setup
+	$(PY) -m pytest -ra tests
+
+test-unit: setup
+	$(PY) -m pytest -ra tests/unit
+
+demo: setup
+	$(PY) -m cilium_py.lab.demo
+
+bench: setup
+	$(PY) -m bench
+
+# Removes lab namespaces and pins left by an interrupted run (only ours: cpy-*, ciliumpy*).
+clean-lab:
+	-$(PY) -m cilium_py.lab.cleanup

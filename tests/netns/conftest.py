@@ -1,0 +1,132 @@
+"""A lab node with an agent process and three pods, shared by the netns tests of a session.
+Each test starts from no policy and no conntrack state; teardown removes namespaces, pins
+and processes even when a test fails."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from cilium_py.agent.endpoints import EndpointHandle, EndpointManager
+from cilium_py.agent.policy.mapstate import PolicyRule, PolicyWriter
+from cilium_py.datapath import netns
+from cilium_py.datapath.config import DatapathConfig
+from cilium_py.datapath.maps.conntrack import ConntrackTables
+from cilium_py.lab.agentproc import AgentProcess
+from cilium_py.lab.node import LabNode
+
+TCP_PORTS = (80, 8080, 8085, 8090, 8091)
+UDP_PORT = 53
+IDENTITIES = {"a": 1000, "b": 1001, "c": 1002}
+
+
+@dataclass
+class Lab:
+    node: LabNode
+    config: DatapathConfig
+    agent: AgentProcess
+    manager: EndpointManager
+    pods: dict[str, EndpointHandle]
+    run_dir: str
+
+    def set_policy(self, pod: str, rules: list[PolicyRule], *, ingress: bool, egress: bool):
+        ep = self.pods[pod]
+        PolicyWriter(self.manager.policy, self.manager.endpoints).apply(
+            ep.ip, ep.endpoint_id, rules, enforce_ingress=ingress, enforce_egress=egress)
+
+    def reset(self):
+        for pod in self.pods:
+            self.set_policy(pod, [], ingress=False, egress=False)
+        tables = ConntrackTables(self.config.pin_dir)
+        tables.flush()
+        tables.close()
+
+    def ip(self, pod: str) -> str:
+        return str(self.pods[pod].ip)
+
+    def tcp_connect(self, src: str, dst_ip: str, port: int, timeout: float = 1.0) -> socket.socket:
+        """A connected socket created inside pod `src`'s namespace; raises OSError when the
+        connection is not established within the timeout."""
+        with netns.entered(self.pods[src].netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((dst_ip, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def tcp_ok(self, src: str, dst: str, port: int) -> bool:
+        try:
+            sock = self.tcp_connect(src, self.ip(dst), port)
+        except OSError:
+            return False
+        with sock:
+            return sock.recv(64) == f"{dst}\n".encode()
+
+    def udp_ok(self, src: str, dst: str, port: int = UDP_PORT) -> bool:
+        with netns.entered(self.pods[src].netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(1.0)
+            sock.sendto(b"hello", (self.ip(dst), port))
+            try:
+                data, _ = sock.recvfrom(256)
+            except OSError:
+                return False
+            return data == f"{dst}\nhello".encode()
+
+    def ping_ok(self, src: str, dst_ip: str) -> bool:
+        return netns.run(self.pods[src].netns, ["ping", "-c", "1", "-W", "1", dst_ip],
+                         capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def lab(privileged, unique, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    bpf_root = f"/sys/fs/bpf/ciliumpy-test-{unique}-netns"
+    name = f"t{unique}"
+    node = LabNode(name, index=231)
+    config = DatapathConfig(node=name, bpf_root=bpf_root)
+    node.create()
+    listeners, manager, agent = [], None, None
+    try:
+        agent = AgentProcess(node=name, bpf_root=bpf_root, run_dir=run_dir, node_netns=node.netns,
+                             devices=("eth0",), node_ips=(str(node.router_ip), str(node.addressing.uplink_ip)))
+        agent.start()
+        manager = EndpointManager(config, node.netns, node.router_ip)
+        pods = {}
+        for n, (pod, identity) in enumerate(IDENTITIES.items(), start=1):
+            pods[pod] = manager.create(pod, node.addressing.pod_ip(n), identity)
+            argv = [sys.executable, "-m", "cilium_py.lab.listener", "--name", pod, "--udp", str(UDP_PORT)]
+            for port in TCP_PORTS:
+                argv += ["--tcp", str(port)]
+            proc = netns.popen(pods[pod].netns, argv, stdout=subprocess.PIPE, text=True)
+            listeners.append(proc)
+            assert proc.stdout.readline().strip() == "ready"
+        yield Lab(node, config, agent, manager, pods, run_dir)
+    finally:
+        for proc in listeners:
+            proc.terminate()
+            proc.wait(5)
+        if agent is not None:
+            agent.stop()
+        if manager is not None:
+            for pod in IDENTITIES:
+                manager.delete(pod)
+            manager.close()
+        node.destroy()
+        shutil.rmtree(bpf_root, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_lab(lab):
+    lab.reset()
+    yield lab
+    lab.reset()
