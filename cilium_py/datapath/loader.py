@@ -99,7 +99,7 @@ class LoadedDatapath:
 
     @property
     def events_table(self):
-        return self.bpf["ciliumpy_events"]
+        return self.bpf[b"ciliumpy_events"]
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -113,13 +113,15 @@ def load(config: DatapathConfig, pin_programs: bool = True) -> LoadedDatapath:
     bcc = import_bcc()
     started = time.monotonic()
     try:
-        bpf = bcc.BPF(text=build_source(), cflags=config.cflags() + ["-Wno-unused-function"])
+        # BCC wants bytes for source and names; str still works but warns on every call.
+        bpf = bcc.BPF(text=build_source().encode(),
+                      cflags=config.cflags() + ["-Wno-unused-function"])
     except Exception as e:
         raise DatapathError(f"compiling {', '.join(ENTRY_FILES)} failed: {e}") from e
     loaded = LoadedDatapath(config=config, bpf=bpf)
     for name, kind in PROGRAMS.items():
         try:
-            loaded.prog_fds[name] = bpf.load_func(name, getattr(bcc.BPF, kind)).fd
+            loaded.prog_fds[name] = bpf.load_func(name.encode(), getattr(bcc.BPF, kind)).fd
         except Exception as e:
             raise DatapathError(f"the kernel rejected {name}: {e}") from e
     loaded.compile_seconds = time.monotonic() - started
