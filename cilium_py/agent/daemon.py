@@ -79,7 +79,7 @@ class Agent:
             os.unlink(cfg.ready_file)
         self.loaded = loader.load(cfg.datapath)
         self._register_node_addresses()
-        manager = EndpointManager(cfg.datapath, cfg.node_netns, "0.0.0.0")
+        manager = EndpointManager(cfg.datapath, cfg.node_netns)
         try:
             self.reattached = manager.reattach_all(self.loaded.prog_fds)
         finally:

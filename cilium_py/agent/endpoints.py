@@ -51,10 +51,11 @@ def host_ifname(pod_netns: str) -> str:
 
 
 class EndpointManager:
-    def __init__(self, config: DatapathConfig, node_netns: str, router_ip):
+    def __init__(self, config: DatapathConfig, node_netns: str, router_ip=None):
+        """`router_ip` is the pods' gateway; only creating endpoints needs it."""
         self.config = config
         self.node_netns = node_netns
-        self.router_ip = ipaddress.IPv4Address(router_ip)
+        self.router_ip = ipaddress.IPv4Address(router_ip) if router_ip is not None else None
         self.endpoints = EndpointMap(config.pin_dir)
         self.ipcache = IPCacheMap(config.pin_dir)
         self.policy = PolicyMap(config.pin_dir)
@@ -71,6 +72,8 @@ class EndpointManager:
 
     def create(self, name: str, ip, identity: int) -> EndpointHandle:
         ip = ipaddress.IPv4Address(ip)
+        if self.router_ip is None:
+            raise EndpointError(f"endpoint {name}: no router IP given to the endpoint manager")
         if self.endpoints.get(ip) is not None:
             raise EndpointError(f"endpoint {name}: IP {ip} is already used by another endpoint")
         pod_ns = self.pod_netns(name)

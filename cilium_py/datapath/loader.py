@@ -66,7 +66,7 @@ def check_bpffs(path: str) -> None:
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if os.statvfs(probe) and _fs_magic(probe) != BPFFS_MAGIC:
+    if _fs_magic(probe) != BPFFS_MAGIC:
         raise DatapathError(
             f"{probe} is not on a BPF filesystem: mount it with `mount -t bpf bpf /sys/fs/bpf` "
             f"(make setup does this) or choose --bpf-root on bpffs")
