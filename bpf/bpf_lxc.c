@@ -50,10 +50,30 @@ static __always_inline int lxc4_parse(struct __sk_buff *ctx, struct pkt4 *p)
 	return l4_parse(data, data_end, p);
 }
 
+/* Identities and the peer endpoint are only needed for policy and for events, so a
+ * conntrack hit that reports nothing skips the ipcache (LPM) and peer lookups. */
+static __always_inline __u32 lxc4_resolve_peer(const struct pkt4 *p, int dir,
+					       struct lxc_flow *f)
+{
+	struct endpoint_info *peer;
+	__u32 remote_id;
+
+	if (dir == CT_EGRESS) {
+		remote_id = ipcache4_lookup_identity(p->daddr);
+		peer = lookup_ip4_endpoint(p->daddr);
+		f->dst_label = remote_id;
+		f->dst_id = peer ? peer->lxc_id : 0;
+	} else {
+		remote_id = ipcache4_lookup_identity(p->saddr);
+		f->src_label = remote_id;
+	}
+	return remote_id;
+}
+
 static __always_inline int lxc4_handle(struct __sk_buff *ctx, struct pkt4 *p, int dir,
 				       struct lxc_flow *f)
 {
-	struct endpoint_info *ep, *peer;
+	struct endpoint_info *ep;
 	struct ct_state st = {};
 	__u32 remote_id;
 	int ret;
@@ -62,29 +82,29 @@ static __always_inline int lxc4_handle(struct __sk_buff *ctx, struct pkt4 *p, in
 		ep = lookup_ip4_endpoint(p->saddr);
 		if (!ep || ep->ifindex != ctx->ifindex)
 			return -DROP_INVALID_SIP; /* not the address this pod was given */
-		peer = lookup_ip4_endpoint(p->daddr);
-		remote_id = ipcache4_lookup_identity(p->daddr);
 		f->src_label = ep->sec_id;
-		f->dst_label = remote_id;
-		f->ep_id = ep->lxc_id;
-		f->dst_id = peer ? peer->lxc_id : 0;
 	} else {
 		ep = lookup_ip4_endpoint(p->daddr);
-		remote_id = ipcache4_lookup_identity(p->saddr);
-		f->src_label = remote_id;
-		if (!ep || ep->ifindex != ctx->ifindex)
+		if (!ep || ep->ifindex != ctx->ifindex) {
+			f->src_label = ipcache4_lookup_identity(p->saddr);
 			return -DROP_UNKNOWN_TARGET;
+		}
 		f->dst_label = ep->sec_id;
-		f->ep_id = ep->lxc_id;
 		f->dst_id = ep->lxc_id;
 	}
+	f->ep_id = ep->lxc_id;
 
 	ret = ct_lookup4(p, dir, &st);
 	f->ct_ret = ret;
 	f->report = st.report;
-	if (ret != CT_NEW)
-		return 0; /* established, reply and related traffic skip policy */
+	if (ret != CT_NEW) {
+		/* Established, reply and related traffic skip policy. */
+		if (st.report)
+			lxc4_resolve_peer(p, dir, f);
+		return 0;
+	}
 
+	remote_id = lxc4_resolve_peer(p, dir, f);
 	ret = policy_can_access4(ctx, ep, remote_id, p, dir);
 	if (ret < 0)
 		return ret;

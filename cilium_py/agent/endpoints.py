@@ -8,6 +8,7 @@ endpoint costs a namespace, a veth pair and a few map writes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -15,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cilium_py.datapath import attach, netns
 from cilium_py.datapath.config import DatapathConfig
@@ -43,6 +45,17 @@ class EndpointHandle:
     netns: str
     host_ifname: str
     ifindex: int
+
+
+def link_index(ipr: IPRoute, ifname: str) -> int | None:
+    """The device's ifindex, asked of the kernel by name (pyroute2's link_lookup dumps every
+    link of the namespace, which grows with the number of endpoints)."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]["index"]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
 
 
 def host_ifname(pod_netns: str) -> str:
@@ -86,8 +99,8 @@ class EndpointManager:
             with netns.entered(self.node_netns), IPRoute() as ipr:
                 ipr.link("add", ifname=ifname, kind="veth",
                          peer={"ifname": POD_IFNAME, "net_ns_fd": pod_ns})
-                ifindex = ipr.link_lookup(ifname=ifname)[0]
-                node_mac = ipr.get_links(ifindex)[0].get_attr("IFLA_ADDRESS")
+                link = ipr.link("get", ifname=ifname)[0]
+                ifindex, node_mac = link["index"], link.get_attr("IFLA_ADDRESS")
             mac = self._setup_pod(pod_ns, ip, node_mac)
             # Map entries before programs and link: the first packet must find its endpoint.
             self.endpoints.upsert(ip, endpoint_id=endpoint_id, ifindex=ifindex, identity=identity,
@@ -109,9 +122,9 @@ class EndpointManager:
         netns.write_sysctls(pod_ns, {"net.ipv6.conf.all.disable_ipv6": 1,
                                      "net.ipv6.conf.default.disable_ipv6": 1})
         with netns.entered(pod_ns), IPRoute() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            idx = ipr.link_lookup(ifname=POD_IFNAME)[0]
-            mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+            ipr.link("set", index=link_index(ipr, "lo"), state="up")
+            link = ipr.link("get", ifname=POD_IFNAME)[0]
+            idx, mac = link["index"], link.get_attr("IFLA_ADDRESS")
             ipr.addr("add", index=idx, address=str(ip), prefixlen=32)
             ipr.link("set", index=idx, state="up")
             ipr.route("add", dst=f"{self.router_ip}/32", oif=idx, scope="link")
@@ -153,10 +166,10 @@ class EndpointManager:
     def _find(self, pod_ns: str) -> Endpoint | None:
         ifname = host_ifname(pod_ns)
         with netns.entered(self.node_netns), IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-        if not found:
+            ifindex = link_index(ipr, ifname)
+        if ifindex is None:
             return None
-        return next((e for e in self.endpoints.list() if e.ifindex == found[0]), None)
+        return next((e for e in self.endpoints.list() if e.ifindex == ifindex), None)
 
     def _teardown(self, pod_ns: str, ip, endpoint_id: int | None) -> None:
         """Removes whatever exists of an endpoint; safe to call on a half-made one."""
@@ -168,9 +181,9 @@ class EndpointManager:
                 self.policy.remove(key)
         if netns.exists(self.node_netns):
             with netns.entered(self.node_netns), IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=host_ifname(pod_ns))
-                if found:
-                    ipr.link("del", index=found[0])  # takes the pod-side peer and route with it
+                ifindex = link_index(ipr, host_ifname(pod_ns))
+                if ifindex is not None:
+                    ipr.link("del", index=ifindex)  # takes the pod-side peer and route with it
         netns.remove(pod_ns)
 
     def list(self) -> list[Endpoint]:

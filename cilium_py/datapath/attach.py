@@ -8,7 +8,10 @@ agent swaps programs without a moment where a device has none.
 
 from __future__ import annotations
 
+import errno
+
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 INGRESS = "ingress"
 EGRESS = "egress"
@@ -24,10 +27,13 @@ XDP_MODES = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 
 
 def ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
-    for qdisc in ipr.get_qdiscs(index=ifindex):
-        if qdisc.get_attr("TCA_KIND") == "clsact":
-            return
-    ipr.tc("add", "clsact", ifindex)
+    # Ask the kernel rather than list qdiscs first: pyroute2 lists every qdisc of the
+    # namespace and filters in Python, which made endpoint creation grow with the node.
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
 
 
 def attach_tc(ipr: IPRoute, ifindex: int, prog_fd: int, direction: str, name: str) -> None:
@@ -39,10 +45,11 @@ def attach_tc(ipr: IPRoute, ifindex: int, prog_fd: int, direction: str, name: st
 
 def detach_tc(ipr: IPRoute, ifindex: int) -> None:
     """Removes the clsact qdisc and with it both directions' filters."""
-    for qdisc in ipr.get_qdiscs(index=ifindex):
-        if qdisc.get_attr("TCA_KIND") == "clsact":
-            ipr.tc("del", "clsact", ifindex)
-            return
+    try:
+        ipr.tc("del", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL):
+            raise
 
 
 def tc_program_names(ipr: IPRoute, ifindex: int, direction: str) -> list[str]:

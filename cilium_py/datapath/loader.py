@@ -102,6 +102,12 @@ class LoadedDatapath:
         return self.bpf[b"ciliumpy_events"]
 
     def close(self) -> None:
+        if self.config.events == "perf":
+            # Close the per-CPU perf readers before BCC closes the map; otherwise the
+            # table's finalizer later fails on keys that are already gone.
+            table = self.events_table
+            for cpu in list(getattr(table, "_open_key_fds", {})):
+                del table[cpu]
         self.bpf.cleanup()
 
 

@@ -1,0 +1,163 @@
+"""Pod-to-pod TCP throughput with iperf3 through the datapath, against the same namespaces
+and veths with the programs detached (plain veth + routing in the node namespace).
+
+A lab node (namespaces cpy-bench*, addresses 10.244.201.0/24) with the agent in-process
+and two endpoints; the server endpoint enforces ingress and allows the client's identity on
+TCP 5201. Runs alternate with/without programs so drift affects both alike; medians of each
+are compared. Server pinned to CPU 1, client to CPU 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+from bench.common import Result, bpf_root, median, remove_bpf_root
+
+NODE_NAME = "bench"
+NODE_INDEX = 201
+PORT = 5201
+CLIENT_ID, SERVER_ID = 1000, 1001
+ROUNDS = 8
+SECONDS = 2
+
+
+def _wait_listening(pod_ns: str, port: int, timeout: float = 5.0) -> None:
+    from cilium_py.datapath import netns
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = netns.run(pod_ns, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                        text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"iperf3 server did not listen on {port} in {pod_ns}")
+
+
+def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
+    """One client/server pair; returns received Gbit/s."""
+    from cilium_py.datapath import netns
+
+    server = netns.popen(server_ns, ["taskset", "-c", "1", "iperf3", "-s", "-1", "-p", str(PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(server_ns, PORT)
+        res = netns.run(client_ns, ["taskset", "-c", "0", "iperf3", "-c", server_ip, "-p", str(PORT),
+                                    "-t", str(seconds), "-J"],
+                        capture_output=True, text=True, timeout=seconds + 20)
+        data = json.loads(res.stdout or "{}")
+        if res.returncode != 0 or "error" in data:
+            raise RuntimeError(f"iperf3 client failed: {data.get('error') or res.stderr.strip()}")
+        server.wait(timeout=10)
+        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def run(quick: bool = False) -> list[Result]:
+    from pyroute2 import IPRoute
+
+    from cilium_py.agent.daemon import Agent, AgentConfig
+    from cilium_py.agent.endpoints import PROGRAMS, EndpointManager
+    from cilium_py.agent.policy.mapstate import PolicyRule, PolicyWriter
+    from cilium_py.datapath import attach, netns
+    from cilium_py.datapath.config import DatapathConfig
+    from cilium_py.lab.node import LabNode
+
+    rounds = 1 if quick else ROUNDS
+    seconds = 1 if quick else SECONDS
+    root = bpf_root("tput")
+    run_dir = tempfile.mkdtemp(prefix="ciliumpy-bench-run-")
+    node = LabNode(NODE_NAME, NODE_INDEX)
+    agent = em = None
+    node_up = False
+    created: list[str] = []
+    try:
+        node.create()
+        node_up = True
+        dp = DatapathConfig(node=NODE_NAME, bpf_root=root)
+        agent = Agent(AgentConfig(datapath=dp, node_netns=node.netns, run_dir=run_dir,
+                                  node_ips=(str(node.router_ip),)))
+        agent.start()
+        em = EndpointManager(dp, node.netns, node.router_ip)
+        client = em.create("client", node.addressing.pod_ip(1), CLIENT_ID)
+        created.append("client")
+        server = em.create("server", node.addressing.pod_ip(2), SERVER_ID)
+        created.append("server")
+        PolicyWriter(em.policy, em.endpoints).apply(
+            server.ip, server.endpoint_id, [PolicyRule(CLIENT_ID, "ingress", 6, PORT)],
+            enforce_ingress=True, enforce_egress=False)
+
+        def set_programs(on: bool) -> None:
+            with netns.entered(node.netns), IPRoute() as ipr:
+                for ep in (client, server):
+                    if on:
+                        for prog, direction in PROGRAMS:
+                            attach.attach_tc(ipr, ep.ifindex, agent.loaded.fd(prog), direction, prog)
+                    else:
+                        attach.detach_tc(ipr, ep.ifindex)
+
+        def attached() -> bool:
+            with netns.entered(node.netns), IPRoute() as ipr:
+                return all(attach.tc_program_names(ipr, ep.ifindex, attach.INGRESS)
+                           for ep in (client, server))
+
+        with_bpf, without = [], []
+        for _ in range(rounds):
+            for on, out in ((True, with_bpf), (False, without)):
+                set_programs(on)
+                if attached() != on:
+                    raise RuntimeError("programs are not in the state this round needs")
+                out.append(_iperf(client.netns, server.netns, str(server.ip), seconds))
+        set_programs(True)
+        w, wo = median(with_bpf), median(without)
+        ratio = w / wo
+        lost = agent.reader.perf_lost if agent.reader else 0
+        return [Result(
+            "throughput: pod-to-pod TCP (iperf3)", f"{w:.2f} Gbit/s",
+            f"{wo:.2f} Gbit/s no programs", ratio, ">= 0.95x", ratio >= 0.95,
+            [f"{rounds} rounds x {seconds} s each, interleaved; with: "
+             + ", ".join(f"{x:.2f}" for x in with_bpf) + "; without: "
+             + ", ".join(f"{x:.2f}" for x in without) + " Gbit/s",
+             f"best of each: {max(with_bpf):.2f} vs {max(without):.2f} Gbit/s "
+             f"({max(with_bpf) / max(without):.2f}x); median of per-round ratios "
+             f"{median([a / b for a, b in zip(with_bpf, without)]):.2f}x",
+             f"ingress policy enforced on the server (allow identity {CLIENT_ID} TCP {PORT}); "
+             f"events delivered to the agent: {agent.reader.received if agent.reader else 0}"
+             + (f", perf lost {lost}" if lost else "")])]
+    finally:
+        if agent is not None:
+            try:
+                agent.stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"  cleanup: agent stop: {e}")
+        if em is not None:
+            for name in created:
+                try:
+                    em.delete(name)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  cleanup: endpoint {name}: {e}")
+            em.close()
+        if node_up:
+            node.destroy()
+        if agent is not None and agent.loaded is not None:
+            agent.loaded.close()
+        remove_bpf_root(root)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
