@@ -185,6 +185,17 @@ static __always_inline int ct4_update(struct ct_entry *e, const struct pkt4 *p, 
 	return 0;
 }
 
+/* The tuple a packet creates or finds going forward. */
+static __always_inline void ct4_tuple_of(const struct pkt4 *p, __u8 flags, struct ipv4_ct_tuple *t)
+{
+	t->saddr = p->saddr;
+	t->daddr = p->daddr;
+	t->sport = p->sport;
+	t->dport = p->dport;
+	t->nexthdr = p->nexthdr;
+	t->flags = flags;
+}
+
 /* Classifies a packet seen at `dir` of an endpoint: CT_NEW, CT_ESTABLISHED, CT_REPLY or
  * CT_RELATED. Only CT_NEW packets go through policy. */
 static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_state *st)
@@ -210,12 +221,7 @@ static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_s
 		}
 	}
 
-	t.saddr = p->saddr;
-	t.daddr = p->daddr;
-	t.sport = p->sport;
-	t.dport = p->dport;
-	t.nexthdr = p->nexthdr;
-	t.flags = ct_tuple_dir_flag(dir);
+	ct4_tuple_of(p, ct_tuple_dir_flag(dir), &t);
 	e = ct4_map_lookup(&t);
 	if (e) {
 		if (ct4_update(e, p, 1, now, st)) {
@@ -246,13 +252,7 @@ static __always_inline int ct_create4(const struct pkt4 *p, int dir, __u32 src_s
 	struct ct_entry e = {};
 	__u32 now = bpf_mono_now();
 
-	t.saddr = p->saddr;
-	t.daddr = p->daddr;
-	t.sport = p->sport;
-	t.dport = p->dport;
-	t.nexthdr = p->nexthdr;
-	t.flags = ct_tuple_dir_flag(dir);
-
+	ct4_tuple_of(p, ct_tuple_dir_flag(dir), &t);
 	if (p->nexthdr == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
 		e.flags |= CT_F_SEEN_NON_SYN; /* picked up mid-stream, e.g. after a CT flush */
 	if (p->nexthdr == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
