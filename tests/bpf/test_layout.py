@@ -116,7 +116,7 @@ def compiled_types(datapath):
     bpf_cls.str2ctype.setdefault("signed char", ctypes.c_byte)
 
     def get(map_name: str, which: str):
-        tp = getattr(datapath.bpf[map_name], which)
+        tp = getattr(datapath.bpf[map_name.encode()], which)
         # Per-CPU tables give one value slot per CPU: an array of the struct.
         if isinstance(tp, type) and issubclass(tp, ctypes.Array):
             tp = tp._type_
