@@ -74,9 +74,11 @@ class MonitorServer:
             client.conn.close()
 
     def publish(self, event) -> None:
-        line = json.dumps(event.to_dict()).encode() + b"\n"
         with self._lock:
             clients = list(self._clients)
+        if not clients:
+            return  # nobody listening: skip the encoding, it is per event
+        line = json.dumps(event.to_dict()).encode() + b"\n"
         for client in clients:
             try:
                 client.queue.put_nowait(line)
