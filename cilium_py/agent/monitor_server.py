@@ -1,5 +1,5 @@
 """Relays datapath events to `ciliumpy monitor` clients over a unix socket, one JSON object
-per line. Each client has its own bounded queue: a slow client loses its own events (and is
+per line, the first being {"type": "hello"}. Each client has its own bounded queue: a slow client loses its own events (and is
 told how many), never slows the reader or other clients."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import threading
 log = logging.getLogger(__name__)
 
 CLIENT_QUEUE_LEN = 8192
+HELLO = json.dumps({"type": "hello"}).encode() + b"\n"
 
 
 class _Client:
@@ -51,6 +52,9 @@ class MonitorServer:
             client = _Client(conn)
             with self._lock:
                 self._clients.append(client)
+            # Greeted only once registered: a client that waits for this line misses no
+            # event published after it.
+            client.queue.put_nowait(HELLO)
             threading.Thread(target=self._send_loop, args=(client,), name="monitor-client",
                              daemon=True).start()
 

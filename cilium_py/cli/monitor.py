@@ -40,9 +40,11 @@ def monitor(node, run_dir, types, as_json, count):
     except (FileNotFoundError, ConnectionRefusedError):
         raise click.ClickException(f"no agent is serving events for node {node} at {path}: "
                                    f"is `ciliumpy agent --node {node}` running?") from None
-    click.echo("Listening for events... Press Ctrl-C to quit", err=True)
     shown = 0
     with sock, sock.makefile("r") as stream:
+        if json.loads(stream.readline() or "{}").get("type") != "hello":
+            raise click.ClickException(f"{path} did not answer like a ciliumpy agent")
+        click.echo("Listening for events... Press Ctrl-C to quit", err=True)
         try:
             for line in stream:
                 event = json.loads(line)

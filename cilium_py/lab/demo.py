@@ -4,11 +4,13 @@ Everything it creates is removed at the end, also on failure or Ctrl-C."""
 
 from __future__ import annotations
 
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from cilium_py.agent.endpoints import EndpointManager
@@ -87,7 +89,8 @@ def main() -> None:
         ciliumpy("bpf", "policy", "get", str(backend.endpoint_id), "--node", NODE, "--bpf-root", BPF_ROOT)
 
         monitor = subprocess.Popen([sys.executable, "-m", "cilium_py.cli.main", "monitor", "--node", NODE,
-                                    "--run-dir", run_dir], stdout=subprocess.PIPE,
+                                    "--run-dir", run_dir, "-t", "drop", "-t", "policy-verdict"],
+                                   stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         monitor.stderr.readline()  # "Listening for events..." once connected
 
@@ -101,14 +104,15 @@ def main() -> None:
         say("ciliumpy bpf metrics list")
         ciliumpy("bpf", "metrics", "list", "--node", NODE, "--bpf-root", BPF_ROOT)
 
-        say("ciliumpy monitor (first lines)")
-        lines = []
-        while len(lines) < 8:
-            line = monitor.stdout.readline()
-            if not line:
+        say("ciliumpy monitor -t drop -t policy-verdict")
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in monitor.stdout], daemon=True).start()
+        deadline = time.monotonic() + 2.0
+        for _ in range(6):
+            try:
+                print(lines.get(timeout=max(deadline - time.monotonic(), 0.01)).rstrip())
+            except queue.Empty:
                 break
-            lines.append(line.rstrip())
-        print("\n".join(lines))
     finally:
         say("cleaning up")
         for proc in (monitor, listener):
