@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.common import Result, bpf_root, median, remove_bpf_root
+from bench.common import Result, bpf_root, median, remove_bpf_root, stop_process
 
 NODE_NAME = "benchag"
 NODE_INDEX = 203
@@ -36,17 +35,6 @@ def _rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _one_start(node_netns: str, root: str, run_dir: str) -> tuple[float, float]:
@@ -70,7 +58,7 @@ def _one_start(node_netns: str, root: str, run_dir: str) -> tuple[float, float]:
         time.sleep(0.2)  # let the reader/GC/monitor threads settle before reading RSS
         return elapsed, _rss_mb(proc.pid)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def agent_start(quick: bool = False) -> list[Result]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import statistics
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +45,27 @@ def bpf_root(bench: str) -> str:
 def remove_bpf_root(path: str) -> None:
     if os.path.basename(path).startswith("ciliumpy-bench-"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_process(proc, timeout: float = 10.0) -> None:
+    """SIGTERM a process this benchmark started (by its pid), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def delete_endpoints(manager, names) -> None:
+    """Best-effort teardown: one endpoint failing to go must not keep the rest."""
+    for name in names:
+        try:
+            manager.delete(name)
+        except Exception as e:  # noqa: BLE001
+            print(f"  cleanup: endpoint {name}: {e}")
 
 
 def median(values) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import Result, bpf_root, median, remove_bpf_root
+from bench.common import Result, bpf_root, delete_endpoints, median, remove_bpf_root
 
 NODE_NAME = "benchep"
 NODE_INDEX = 202
@@ -67,11 +67,7 @@ def run(quick: bool = False) -> list[Result]:
         ]
     finally:
         if em is not None:
-            for name in (["probe"] if probe_alive else []) + background:
-                try:
-                    em.delete(name)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  cleanup: endpoint {name}: {e}")
+            delete_endpoints(em, (["probe"] if probe_alive else []) + background)
             em.close()
         if node_up:
             node.destroy()

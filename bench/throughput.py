@@ -10,14 +10,12 @@ are compared. Server pinned to CPU 1, client to CPU 0.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 
-from bench.common import Result, bpf_root, median, remove_bpf_root
+from bench.common import Result, bpf_root, delete_endpoints, median, remove_bpf_root, stop_process
 
 NODE_NAME = "bench"
 NODE_INDEX = 201
@@ -57,13 +55,7 @@ def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> floa
         server.wait(timeout=10)
         return data["end"]["sum_received"]["bits_per_second"] / 1e9
     finally:
-        if server.poll() is None:
-            os.kill(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_process(server, timeout=5)
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -144,11 +136,7 @@ def run(quick: bool = False) -> list[Result]:
             except Exception as e:  # noqa: BLE001
                 print(f"  cleanup: agent stop: {e}")
         if em is not None:
-            for name in created:
-                try:
-                    em.delete(name)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  cleanup: endpoint {name}: {e}")
+            delete_endpoints(em, created)
             em.close()
         if node_up:
             node.destroy()

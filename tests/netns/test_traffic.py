@@ -13,7 +13,6 @@ from cilium_py.datapath import netns
 from cilium_py.datapath.maps.conntrack import ConntrackTables
 from cilium_py.datapath.maps.endpoints import EndpointMap
 from cilium_py.datapath.maps.metrics import MetricsMap
-from cilium_py.datapath.maps.prefilter import PrefilterMap
 from cilium_py.datapath.reasons import DIR_INGRESS, POLICY_DENY
 
 from .conftest import IDENTITIES
