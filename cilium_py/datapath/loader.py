@@ -155,9 +155,5 @@ def open_pinned_program(config: DatapathConfig, name: str) -> int:
     path = os.path.join(config.prog_dir, name)
     try:
         return libbpf.obj_get(path)
-    except FileNotFoundError:
+    except FileNotFoundError:  # libbpf's ENOENT, raised as OSError(ENOENT)
         raise DatapathError(f"{path} is not pinned: start the agent for node {config.node} first") from None
-    except OSError as e:
-        if e.errno == 2:
-            raise DatapathError(f"{path} is not pinned: start the agent for node {config.node} first") from None
-        raise

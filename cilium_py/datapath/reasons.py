@@ -44,7 +44,6 @@ CT_STATES = {0: "new", 1: "established", 2: "reply", 3: "related"}
 MATCH_TYPES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all", 5: "L3-Proto",
                6: "Proto-Only"}
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-PROTOCOL_NUMBERS = {name: num for num, name in PROTOCOLS.items()} | {"ANY": 0}
 
 
 def drop_reason_name(reason: int) -> str:

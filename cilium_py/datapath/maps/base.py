@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import ipaddress
 import os
 
 from cilium_py.datapath import libbpf
@@ -40,10 +39,6 @@ def possible_cpus() -> int:
 # wrappers assign plain integers and never swap bytes by hand.
 be16 = ctypes.c_uint16.__ctype_be__
 be32 = ctypes.c_uint32.__ctype_be__
-
-
-def ip4(value: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(value)
 
 
 class BpfMap:
