@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 
 from cilium_py import defaults
+from cilium_py.agent.api import APIServer
+from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
 from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.sources.manifests import ManifestsSource
+from cilium_py.agent.store import Store
 from cilium_py.datapath import attach, loader, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.endpoints import ENDPOINT_F_HOST, EndpointMap
@@ -45,18 +49,27 @@ class AgentConfig:
     run_dir: str = defaults.RUN_DIR
     gc_interval: float = defaults.CT_GC_INTERVAL
     node_ips: tuple[str, ...] = ()  # the node's own addresses: reserved:host in the ipcache
+    manifests: str = ""             # directory of YAML the manifests source watches
+    pod_cidr: str = ""              # this node's pod addresses (manifests mode)
+    router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
+    state_dir: str = ""             # identities, IPAM, listeners; survives restarts
+    lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
 
     @property
-    def state_dir(self) -> str:
+    def run_state_dir(self) -> str:
         return os.path.join(self.run_dir, self.datapath.node)
 
     @property
     def monitor_socket(self) -> str:
-        return os.path.join(self.state_dir, "monitor.sock")
+        return os.path.join(self.run_state_dir, "monitor.sock")
 
     @property
     def ready_file(self) -> str:
-        return os.path.join(self.state_dir, "agent.ready")
+        return os.path.join(self.run_state_dir, "agent.ready")
+
+    @property
+    def api_socket(self) -> str:
+        return os.path.join(self.run_state_dir, "ciliumpy.sock")
 
 
 class Agent:
@@ -68,6 +81,11 @@ class Agent:
         self.monitor = MonitorServer(config.monitor_socket)
         self.start_seconds = 0.0
         self.reattached = 0
+        self.started_at = time.time()
+        self.store = None
+        self.source = None
+        self.control = None
+        self.api = APIServer(config.api_socket, self)
 
     def start(self) -> None:
         cfg = self.config
@@ -90,11 +108,74 @@ class Agent:
         self.monitor.start()
         self.reader = EventReader(self.loaded, self.monitor.publish)
         self.reader.start()
+        if cfg.manifests:
+            self._start_control_plane()
+        self.api.start()
         self.start_seconds = time.monotonic() - started
         with open(cfg.ready_file, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.info("agent for node %s ready in %.2fs (%d endpoints re-attached)",
                  cfg.datapath.node, self.start_seconds, self.reattached)
+
+    def _start_control_plane(self) -> None:
+        cfg = self.config
+        missing = [name for name in ("pod_cidr", "router_ip", "state_dir") if not getattr(cfg, name)]
+        if missing:
+            raise AgentError(f"manifests mode needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        self.store = Store()
+        self.control = ControlPlane(ControlPlaneConfig(
+            datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
+            pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips),
+            self.store)
+        self.source = ManifestsSource(cfg.manifests, self.store)
+        self.control.source_errors_fn = lambda: self.source.errors
+        self.source.sync_once()
+        self.control.start()
+        self.source.start()
+
+    def sync_sources(self) -> int:
+        """Reads the manifests now; returns the revision that covers what they hold."""
+        self.source.sync_once()
+        self.store.wait_idle(10.0)
+        return self.control.revision
+
+    def status(self) -> dict:
+        """What `ciliumpy status` shows, in the spirit of `cilium status`."""
+        from cilium_py.datapath.maps.conntrack import ConntrackTables
+        from cilium_py.datapath.maps.events import EventsLostMap
+
+        pin = self.config.datapath.pin_dir
+        pressure = {}
+        tables = ConntrackTables(pin)
+        try:
+            for table in (tables.tcp, tables.any):
+                pressure[table.NAME] = round(len(table.items()) / table.max_entries, 4)
+        finally:
+            tables.close()
+        with EventsLostMap(pin) as lost:
+            events_lost = lost.total()
+        control = self.control
+        controllers = {}
+        if control is not None:
+            controllers = {name: vars(c) for name, c in sorted(control.controllers.items())}
+        source = "manifests directory " + self.config.manifests if self.config.manifests else "none"
+        return {
+            "node": self.config.datapath.node,
+            "datapath": {"bpf_root": pin, "events": self.config.datapath.events,
+                         "load_seconds": round(self.loaded.compile_seconds, 2) if self.loaded else None,
+                         "events_lost": events_lost,
+                         "events_received": self.reader.received if self.reader else 0},
+            "store": {"source": source,
+                      "objects": len(self.store) if self.store is not None else 0,
+                      "errors": [e.to_dict() for e in self.source.errors] if self.source else []},
+            "controllers": controllers,
+            "endpoints": len(control.endpoints) if control else 0,
+            "identities": len(control.identities.all()) if control else 0,
+            "policy": {"revision": control.revision if control else 0,
+                       "realized": control.realized_revision() if control else 0},
+            "map_pressure": pressure,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+        }
 
     def _register_node_addresses(self) -> None:
         endpoints = EndpointMap(self.config.datapath.pin_dir)
@@ -122,6 +203,12 @@ class Agent:
         """Stops the agent's threads. Programs stay attached and maps stay pinned."""
         if os.path.exists(self.config.ready_file):
             os.unlink(self.config.ready_file)
+        self.api.stop()
+        if self.source:
+            self.source.stop()
+        if self.control:
+            self.control.stop()
+            self.control.close()
         if self.reader:
             self.reader.stop()
         if self.gc:

@@ -110,6 +110,9 @@ class EndpointManager:
                 self._attach(ipr, ifindex)
                 ipr.link("set", index=ifindex, state="up")
                 ipr.route("add", dst=f"{ip}/32", oif=ifindex, scope="link")
+                # The pod's MAC is known: no ARP round trip, and no first packets lost
+                # while a burst of new connections waits on an unresolved neighbour.
+                ipr.neigh("add", dst=str(ip), lladdr=mac, ifindex=ifindex, state="permanent")
         except BaseException as e:
             self._teardown(pod_ns, ip, endpoint_id)
             if isinstance(e, Exception):
@@ -144,6 +147,32 @@ class EndpointManager:
                 attach.attach_tc(ipr, ifindex, fd, direction, prog)
             finally:
                 os.close(fd)
+
+    def adopt(self, name: str, ip, identity: int) -> EndpointHandle | None:
+        """The endpoint a previous agent made for `name`, if it is still whole (namespace,
+        device and endpoint-map entry): a restarted agent keeps it instead of recreating it,
+        so the pod keeps its connections."""
+        pod_ns = self.pod_netns(name)
+        if not netns.exists(pod_ns):
+            return None
+        ep = self.endpoints.get(ip)
+        with netns.entered(self.node_netns), IPRoute() as ipr:
+            ifindex = link_index(ipr, host_ifname(pod_ns))
+        if ep is None or ifindex is None or ep.ifindex != ifindex:
+            return None
+        if ep.identity != identity:
+            self.set_identity(ip, identity)
+        return EndpointHandle(name, ep.endpoint_id, ipaddress.IPv4Address(ip), identity, pod_ns,
+                              host_ifname(pod_ns), ifindex)
+
+    def set_identity(self, ip, identity: int) -> None:
+        """A label change moved the pod to another identity: both maps follow."""
+        ep = self.endpoints.get(ip)
+        if ep is None:
+            raise EndpointError(f"no endpoint with IP {ip}")
+        self.endpoints.upsert(ip, endpoint_id=ep.endpoint_id, ifindex=ep.ifindex, identity=identity,
+                              mac=ep.mac, node_mac=ep.node_mac, flags=ep.flags)
+        self.ipcache.upsert(ip, identity)
 
     def reattach_all(self, prog_fds: dict[str, int]) -> int:
         """Puts new programs on every endpoint's device, replacing the old ones in place.

@@ -31,11 +31,17 @@ from cilium_py.datapath.loader import DatapathError
               help="event transport: BPF ring buffer or perf buffer")
 @click.option("--monitor-aggregation", type=click.Choice(list(AGGREGATION_LEVELS)), default="medium",
               show_default=True)
+@click.option("--manifests", type=click.Path(file_okay=False), default="",
+              help="directory of Kubernetes YAML to enforce (the manifests source)")
+@click.option("--pod-cidr", default="", help="this node's pod CIDR (manifests mode)")
+@click.option("--router-ip", default="", help="the pods' gateway on cilium_host (manifests mode)")
+@click.option("--state-dir", default="", help="where identities and IP allocations persist")
+@click.option("--lab", is_flag=True, help="lab mode: adopt pods without nodeName, start listeners")
 @click.option("-v", "--verbose", is_flag=True)
 def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_ct_global_tcp_max,
           bpf_ct_global_any_max, bpf_ct_timeout_regular_tcp, bpf_ct_timeout_regular_tcp_syn,
           bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, conntrack_gc_interval,
-          events, monitor_aggregation, verbose):
+          events, monitor_aggregation, manifests, pod_cidr, router_ip, state_dir, lab, verbose):
     """Run the node agent: load the datapath and keep it running."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,7 +53,8 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
         monitor_aggregation=monitor_aggregation)
     config = AgentConfig(datapath=datapath, node_netns=node_netns, devices=tuple(devices),
                          xdp_mode=xdp_mode, run_dir=run_dir, gc_interval=conntrack_gc_interval,
-                         node_ips=tuple(node_ips))
+                         node_ips=tuple(node_ips), manifests=manifests, pod_cidr=pod_cidr,
+                         router_ip=router_ip, state_dir=state_dir, lab=lab)
     try:
         Agent(config).run_forever()
     except (AgentError, DatapathError) as e:

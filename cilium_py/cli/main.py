@@ -6,7 +6,9 @@ import click
 
 from cilium_py import __version__
 from cilium_py.cli.agent import agent
+from cilium_py.cli.agentapi import endpoint, identity, policy, status
 from cilium_py.cli.bpf import bpf
+from cilium_py.cli.lab import lab
 from cilium_py.cli.monitor import monitor
 
 
@@ -19,6 +21,11 @@ def cli():
 cli.add_command(agent)
 cli.add_command(bpf)
 cli.add_command(monitor)
+cli.add_command(status)
+cli.add_command(endpoint)
+cli.add_command(identity)
+cli.add_command(policy)
+cli.add_command(lab)
 
 if __name__ == "__main__":
     cli()

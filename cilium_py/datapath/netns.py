@@ -8,6 +8,7 @@ as the block does not hand work to other threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 
@@ -38,14 +39,34 @@ def list_names(prefix: str = "") -> list[str]:
     return sorted(n for n in _netns.listnetns() if n.startswith(prefix))
 
 
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 @contextlib.contextmanager
 def entered(name: str):
-    """Runs the block with this thread inside the namespace."""
-    _netns.pushns(name)
+    """Runs the block with this thread inside the namespace, then returns it to the one it
+    was in. Per thread: pyroute2's pushns/popns share one stack between threads, so
+    parallel probes would restore each other's namespaces."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        yield
+        target = os.open(path(name), os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
     finally:
-        _netns.popns()
+        os.close(own)
 
 
 def write_sysctls(name: str, values: dict[str, str | int]) -> None:

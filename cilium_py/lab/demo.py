@@ -1,134 +1,78 @@
-"""`make demo`, first version: one lab node, three pods, one allow rule, a connection that
-succeeds and one that is dropped, then the conntrack table and the monitor's view of it.
-Everything it creates is removed at the end, also on failure or Ctrl-C."""
+"""`make demo`: the lab with the policies the docs teach, and what they do to real traffic.
+
+`ciliumpy lab up -f examples/demo` builds a node with pods in three namespaces and these
+policies: default deny in `shop`, DNS allowed, frontend -> backend on one port, a
+CiliumNetworkPolicy whose ingressDeny beats its allow, same-namespace traffic in `other`,
+and a clusterwide egress deny with an except CIDR. Then every pod tries every port (and
+the world outside the node), and the matrix shows what got through. The lab is removed at
+the end, also on failure or Ctrl-C. (`python -m cilium_py.lab.datapath_demo` is the
+datapath-only demo without the control plane.)
+"""
 
 from __future__ import annotations
 
-import queue
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
+from pathlib import Path
 
-from cilium_py.agent.endpoints import EndpointManager
-from cilium_py.agent.policy.mapstate import PolicyRule, PolicyWriter
-from cilium_py.datapath import netns
-from cilium_py.datapath.config import DatapathConfig
-from cilium_py.lab.agentproc import AgentProcess
-from cilium_py.lab.node import LabNode
+import yaml
 
-NODE = "demo"
-BPF_ROOT = "/sys/fs/bpf/ciliumpy-demo"
-PODS = {"frontend": 1000, "backend": 1001, "intruder": 1002}
+from cilium_py.lab.lab import WORLD_PORT, Lab
+from cilium_py.lab.matrix import Target, measure, render
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
+NAME = "demo"
 
 
 def say(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m", flush=True)
 
 
-def ciliumpy(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cilium_py.cli.main", *args], text=True, **kwargs)
-
-
-def connect(manager: EndpointManager, pod: str, ip: str, port: int) -> str:
-    with netns.entered(manager.pod_netns(pod)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(1.5)
-    try:
-        sock.connect((ip, port))
-        return f"connected, backend says {sock.recv(64).decode().strip()!r}"
-    except OSError as e:
-        return f"failed: {e}"
-    finally:
-        sock.close()
-
-
-def leftovers() -> None:
-    node = LabNode(NODE, 100)
-    for name in netns.list_names(node.netns):
-        netns.remove(name)
-    shutil.rmtree(BPF_ROOT, ignore_errors=True)
+def pod_targets(directory: Path) -> list[tuple[str, int, str]]:
+    """(namespace/pod, port, protocol) for every containerPort in the manifests."""
+    out = []
+    for f in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "Pod":
+                continue
+            meta = doc["metadata"]
+            key = f"{meta.get('namespace', 'default')}/{meta['name']}"
+            for c in doc["spec"].get("containers", []):
+                for p in c.get("ports", []):
+                    out.append((key, int(p["containerPort"]), p.get("protocol", "TCP")))
+    return out
 
 
 def main() -> None:
-    leftovers()
-    run_dir = tempfile.mkdtemp(prefix="ciliumpy-demo-")
-    node = LabNode(NODE, 100)
-    config = DatapathConfig(node=NODE, bpf_root=BPF_ROOT)
-    agent = manager = monitor = listener = None
+    lab = Lab(NAME)
+    lab.down()  # leftovers of an interrupted demo
     try:
-        say(f"node namespace {node.netns} with cilium_host {node.router_ip}")
-        node.create()
-        agent = AgentProcess(node=NODE, bpf_root=BPF_ROOT, run_dir=run_dir, node_netns=node.netns,
-                             devices=("eth0",), node_ips=(str(node.router_ip),))
+        say(f"ciliumpy lab up -f {EXAMPLES.relative_to(Path.cwd()) if EXAMPLES.is_relative_to(Path.cwd()) else EXAMPLES}")
         started = time.monotonic()
-        agent.start()
-        print(f"agent compiled, loaded and attached in {time.monotonic() - started:.2f}s")
+        result = lab.up(EXAMPLES)
+        print(f"{result['endpoints']} pods enforcing policy revision {result['revision']} "
+              f"after {time.monotonic() - started:.1f}s")
+        endpoints = {ep["pod"]: ep for ep in lab.client().endpoints()}
+        sources = {pod: ep["netns"] for pod, ep in sorted(endpoints.items())}
+        targets = [Target(pod, endpoints[pod]["ipv4"], port, proto)
+                   for pod, port, proto in pod_targets(EXAMPLES) if pod in endpoints]
+        targets.append(Target("world", lab.world_ip(), WORLD_PORT))
 
-        say("three pods")
-        manager = EndpointManager(config, node.netns, node.router_ip)
-        pods = {}
-        for n, (pod, identity) in enumerate(PODS.items(), start=1):
-            t = time.monotonic()
-            pods[pod] = manager.create(pod, node.addressing.pod_ip(n), identity)
-            print(f"  {pod:9} {pods[pod].ip}  identity {identity}  endpoint {pods[pod].endpoint_id}"
-                  f"  ({(time.monotonic() - t) * 1000:.0f} ms)")
-        listener = netns.popen(pods["backend"].netns, [sys.executable, "-m", "cilium_py.lab.listener",
-                                                       "--name", "backend", "--tcp", "80"],
-                               stdout=subprocess.PIPE, text=True)
-        listener.stdout.readline()
+        say("reachability (rows: from, columns: to; ok = connected, -- = denied)")
+        matrix = measure(sources, targets)
+        print(render(matrix, list(sources), targets))
 
-        say("policy: backend accepts TCP/80 from identity 1000 (frontend) only")
-        backend = pods["backend"]
-        PolicyWriter(manager.policy, manager.endpoints).apply(
-            backend.ip, backend.endpoint_id, [PolicyRule(PODS["frontend"], "ingress", 6, 80)],
-            enforce_ingress=True, enforce_egress=False)
-        ciliumpy("bpf", "policy", "get", str(backend.endpoint_id), "--node", NODE, "--bpf-root", BPF_ROOT)
-
-        monitor = subprocess.Popen([sys.executable, "-m", "cilium_py.cli.main", "monitor", "--node", NODE,
-                                    "--run-dir", run_dir, "-t", "drop", "-t", "policy-verdict"],
-                                   stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        monitor.stderr.readline()  # "Listening for events..." once connected
-
-        say("traffic")
-        print(f"  frontend -> backend:80  {connect(manager, 'frontend', str(backend.ip), 80)}")
-        print(f"  intruder -> backend:80  {connect(manager, 'intruder', str(backend.ip), 80)}")
-
-        say("ciliumpy bpf ct list global")
-        ciliumpy("bpf", "ct", "list", "global", "--node", NODE, "--bpf-root", BPF_ROOT)
-
-        say("ciliumpy bpf metrics list")
-        ciliumpy("bpf", "metrics", "list", "--node", NODE, "--bpf-root", BPF_ROOT)
-
-        say("ciliumpy monitor -t drop -t policy-verdict")
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in monitor.stdout], daemon=True).start()
-        deadline = time.monotonic() + 2.0
-        for _ in range(6):
-            try:
-                print(lines.get(timeout=max(deadline - time.monotonic(), 0.01)).rstrip())
-            except queue.Empty:
-                break
+        say("ciliumpy endpoint list")
+        cli = [sys.executable, "-m", "cilium_py.cli.main"]
+        common = ["--node", NAME, "--run-dir", str(lab.paths.run)]
+        subprocess.run(cli + ["endpoint", "list"] + common, check=False)
+        say("ciliumpy policy get")
+        subprocess.run(cli + ["policy", "get"] + common, check=False)
     finally:
-        say("cleaning up")
-        for proc in (monitor, listener):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(5)
-        if agent is not None:
-            agent.stop()
-        if manager is not None:
-            for pod in PODS:
-                manager.delete(pod)
-            manager.close()
-        node.destroy()
-        shutil.rmtree(BPF_ROOT, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print("removed the namespaces, pins and processes the demo created")
+        say(f"ciliumpy lab down --name {NAME}")
+        removed = lab.down()
+        print(f"removed {len(removed)} things the lab created")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""Commands that ask the running agent over its API socket: status, endpoint, identity,
+policy. (`ciliumpy bpf ...` reads the maps instead and works without an agent.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cilium_py import defaults
+from cilium_py.agent.client import AgentAPIError, AgentClient, AgentUnavailable, api_socket
+from cilium_py.cli.options import emit, output_option
+
+
+def agent_options(fn):
+    fn = click.option("--run-dir", envvar="CILIUMPY_RUN_DIR", default=defaults.RUN_DIR,
+                      show_default=True, help="the agent's run directory")(fn)
+    fn = click.option("--node", envvar="CILIUMPY_NODE", default=defaults.NODE_NAME,
+                      show_default=True, help="node whose agent to ask")(fn)
+    return fn
+
+
+def call(node: str, run_dir: str, method: str, *args):
+    client = AgentClient(api_socket(run_dir, node))
+    try:
+        return getattr(client, method)(*args)
+    except AgentUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    except AgentAPIError as e:
+        raise click.ClickException(f"the agent answered: {e}") from None
+
+
+@click.command()
+@agent_options
+@output_option
+def status(node, run_dir, output):
+    """Show the agent's health, like `cilium status`."""
+    s = call(node, run_dir, "status")
+    if output == "json":
+        click.echo(json.dumps(s, indent=2))
+        return
+    controllers = s["controllers"]
+    failing = {n: c for n, c in controllers.items() if c.get("last_error")}
+    dp = s["datapath"]
+    click.echo(f"Node:               {s['node']}")
+    click.echo(f"Datapath:           Ok   {dp['bpf_root']} (events: {dp['events']}, "
+               f"{dp['events_received']} received, {dp['events_lost']} lost)")
+    store_errors = s["store"]["errors"]
+    click.echo(f"Store:              {s['store']['source']}: {s['store']['objects']} objects, "
+               f"{len(store_errors)} rejected")
+    click.echo(f"Controller Status:  {len(controllers) - len(failing)}/{len(controllers)} healthy")
+    for name, c in failing.items():
+        click.echo(f"  {name}: {c['failures']} failures, last error: {c['last_error']}")
+    click.echo(f"Endpoints:          {s['endpoints']}")
+    click.echo(f"Identities:         {s['identities']}")
+    click.echo(f"Policy revision:    {s['policy']['revision']} (realized {s['policy']['realized']})")
+    pressure = ", ".join(f"{k} {v:.1%}" for k, v in s["map_pressure"].items())
+    click.echo(f"Map pressure:       {pressure}")
+    for err in store_errors:
+        click.echo(f"  rejected: {err['source']}: {err['object']}: {err['field']}: {err['message']}")
+
+
+@click.group()
+def endpoint():
+    """Endpoints managed by the agent."""
+
+
+@endpoint.command("list")
+@agent_options
+@output_option
+def endpoint_list(node, run_dir, output):
+    """List endpoints with their identity, labels and policy enforcement."""
+    eps = call(node, run_dir, "endpoints")
+    if output == "json":
+        emit(output, eps, [])
+        return
+    def on_off(flag):
+        return "Enabled" if flag else "Disabled"
+    rows = []
+    for ep in eps:
+        labels = ep["labels"] or [""]
+        for i, label in enumerate(labels):
+            first = i == 0
+            rows.append({
+                "id": ep["id"] if first else "",
+                "ingress": on_off(ep["policy_enforcement"]["ingress"]) if first else "",
+                "egress": on_off(ep["policy_enforcement"]["egress"]) if first else "",
+                "identity": ep["identity"] if first else "", "label": label,
+                "ipv4": ep["ipv4"] if first else "", "status": ep["status"] if first else ""})
+    emit(output, rows, [("ENDPOINT", "id"), ("POLICY (ingress) ENFORCEMENT", "ingress"),
+                        ("POLICY (egress) ENFORCEMENT", "egress"), ("IDENTITY", "identity"),
+                        ("LABELS (source:key[=value])", "label"), ("IPv4", "ipv4"),
+                        ("STATUS", "status")], empty="No endpoints.")
+
+
+@endpoint.command("get")
+@click.argument("endpoint_id", type=int)
+@agent_options
+def endpoint_get(endpoint_id, node, run_dir):
+    """Show one endpoint as JSON."""
+    click.echo(json.dumps(call(node, run_dir, "endpoint", endpoint_id), indent=2))
+
+
+@click.group()
+def identity():
+    """Security identities."""
+
+
+@identity.command("list")
+@agent_options
+@output_option
+def identity_list(node, run_dir, output):
+    """List identities and their labels."""
+    ids = call(node, run_dir, "identities")
+    if output == "json":
+        emit(output, ids, [])
+        return
+    rows = []
+    for ident in ids:
+        for i, label in enumerate(ident["labels"] or [""]):
+            rows.append({"id": ident["id"] if i == 0 else "", "label": label})
+    emit(output, rows, [("ID", "id"), ("LABELS", "label")])
+
+
+@identity.command("get")
+@click.argument("identity_id", type=int)
+@agent_options
+def identity_get(identity_id, node, run_dir):
+    """Show one identity as JSON."""
+    click.echo(json.dumps(call(node, run_dir, "identity", identity_id), indent=2))
+
+
+@click.group()
+def policy():
+    """Network policy: what is in effect, offline validation, waiting for enforcement."""
+
+
+@policy.command("get")
+@agent_options
+@output_option
+def policy_get(node, run_dir, output):
+    """Policies in effect and rejected objects with their reasons."""
+    view = call(node, run_dir, "policy")
+    if output == "json":
+        click.echo(json.dumps(view, indent=2))
+        return
+    click.echo(f"Revision: {view['revision']} (realized {view['realized_revision']})")
+    for p in view["policies"]:
+        where = f"{p['namespace']}/" if p["namespace"] else ""
+        click.echo(f"  {p['kind']} {where}{p['name']}")
+    if view["rejected"]:
+        click.echo("Rejected:")
+        for err in view["rejected"]:
+            click.echo(f"  {err['source']}: {err['object']}: {err['field']}: {err['message']}")
+
+
+@policy.command("validate")
+@click.argument("path", type=click.Path(exists=True))
+def policy_validate(path):
+    """Check policy and manifest files offline (no agent needed)."""
+    from cilium_py.agent.sources.manifests import parse_documents
+
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".yaml", ".yml", ".json")) \
+        if Path(path).is_dir() else [Path(path)]
+    problems = 0
+    for f in files:
+        resources, errors = parse_documents(f.read_text(), str(f))
+        for err in errors:
+            click.echo(str(err), err=True)
+        problems += len(errors)
+        for res in resources:
+            where = f"{res.namespace}/" if res.namespace else ""
+            click.echo(f"{f}: {res.kind} {where}{res.name}: valid")
+    if problems:
+        raise click.ClickException(f"{problems} invalid object(s)")
+
+
+@policy.command("wait")
+@click.argument("revision", type=int)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@agent_options
+def policy_wait(revision, timeout, node, run_dir):
+    """Wait until every endpoint realizes REVISION."""
+    result = call(node, run_dir, "wait_revision", revision, timeout)
+    if not result["realized"]:
+        raise click.ClickException(f"revision {revision} not realized within {timeout}s "
+                                   f"(realized: {result['revision']})")
+    click.echo(f"Revision {revision} realized (now {result['revision']})")
