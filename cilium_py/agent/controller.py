@@ -111,7 +111,13 @@ class ControlPlane:
         self.source_errors_fn = lambda: []  # the agent points this at its sources' errors
         self.controllers: dict[str, ControllerStatus] = {}
         self.revision = 1
+        # What changed since the last regeneration; the loop takes and clears these.
+        self._dirty_pods: set[str] = set()
+        self._dirty_namespaces: set[str] = set()
+        self._dirty_selectors: set = set()
+        self._first_run = True
         self._cidr_ids: dict[ipaddress.IPv4Network, int] = {}
+        self._released_labels: dict[int, dict] = {}  # identities gone in this regeneration
         self._lock = threading.RLock()
         self._dirty = threading.Event()
         self._realized = threading.Condition()
@@ -124,19 +130,28 @@ class ControlPlane:
     def _on_change(self, event: str, old: Resource | None, new: Resource | None) -> None:
         res = new or old
         if res.kind in POLICY_KINDS:
-            self._on_policy(event, res)
-        elif res.kind not in ("Pod", "Namespace"):
+            affected = self._on_policy(event, res)
+            with self._lock:
+                self._dirty_selectors |= affected
+        elif res.kind == "Pod":
+            with self._lock:
+                self._dirty_pods.add(f"{res.namespace}/{res.name}")
+        elif res.kind == "Namespace":
+            with self._lock:
+                self._dirty_namespaces.add(res.name)
+        else:
             return  # Services, EndpointSlices and Nodes matter to later issues
         with self._lock:
             self.revision += 1
         self._dirty.set()
 
-    def _on_policy(self, event: str, res: Resource) -> None:
+    def _on_policy(self, event: str, res: Resource) -> set:
+        """Updates the repository; returns the subject selectors whose endpoints need a new
+        resolution (those of the old and of the new version of the policy)."""
         key = res.key
         if event == "delete":
-            self.repo.delete(key)
             self.rejected.pop(key, None)
-            return
+            return self.repo.delete(key)
         try:
             rules = parse_policy(res.kind, res.namespace, res.name, res.body)
         except PolicyError as e:
@@ -144,9 +159,9 @@ class ControlPlane:
             # policy (if any) stays in force until a valid one replaces it.
             self.rejected[key] = ValidationError(res.source, describe(res), e.field, e.message)
             log.warning("rejected %s", self.rejected[key])
-            return
+            return set()
         self.rejected.pop(key, None)
-        self.repo.upsert(key, rules)
+        return self.repo.upsert(key, rules)
 
     # -- regeneration -----------------------------------------------------------------
 
@@ -200,22 +215,63 @@ class ControlPlane:
         return labels
 
     def regenerate(self, revision: int) -> None:
+        """Brings the endpoints a change can affect to the desired state:
+        pods that changed (or whose namespace did), endpoints a changed policy selects, and
+        endpoints whose policies name a peer identity that appeared or went away. Everything
+        else keeps its map state untouched, so the cost follows the change, not the node."""
+        with self._lock:
+            dirty_pods, self._dirty_pods = self._dirty_pods, set()
+            namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
+            selectors, self._dirty_selectors = self._dirty_selectors, set()
+            full = self._first_run
+            self._first_run = False
         pods = self._node_pods()
-        for key in [k for k in self.endpoints if k not in pods]:
-            self._remove_endpoint(key)
-        for key in [k for k in self.ipam.allocated() if k not in pods and k not in self.endpoints]:
-            self._remove_stale(key)  # left by an agent that stopped before the pod went away
-        for key, pod in pods.items():
+        if full:
+            dirty_pods |= set(pods) | set(self.endpoints)
+            for key in [k for k in self.ipam.allocated() if k not in pods]:
+                self._remove_stale(key)  # left by an agent that stopped before the pod went away
+        dirty_pods |= {k for k in pods if k.split("/")[0] in namespaces}
+
+        before = set(self.identities.all())
+        to_resolve: set[str] = set()
+        for key in dirty_pods:
+            if key not in pods:
+                if key in self.endpoints:
+                    self._remove_endpoint(key)
+                continue
             try:
-                self._ensure_endpoint(key, pod)
+                self._ensure_endpoint(key, pods[key])
+                to_resolve.add(key)
             except Exception as e:  # noqa: BLE001 - one pod failing must not stop the others
                 status = self.controllers.setdefault(f"endpoint-{key}", ControllerStatus())
                 status.failures += 1
                 status.last_error = str(e)
                 log.exception("endpoint %s failed", key)
-        self._apply_policy(revision)
+        identities = self.identities.all()
+        changed_ids = before ^ set(identities)
+        changed_labels = [identities.get(i) or self._released_labels.pop(i, None) for i in changed_ids]
+        for key, ep in self.endpoints.items():
+            if key in to_resolve:
+                continue
+            if any(sel.matches(ep.labels) for sel in selectors) or (
+                    changed_ids and self._peers_touch(ep, [l for l in changed_labels if l])):
+                to_resolve.add(key)
+        self._apply_policy(revision, to_resolve, identities)
+        self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
+
+    def _peers_touch(self, ep: LocalEndpoint, labels_list: list) -> bool:
+        """Whether a policy selecting this endpoint has a peer that an identity with one of
+        these label sets would match (so its appearing or leaving changes the map state)."""
+        for rule in self.repo.rules_selecting(ep.labels):
+            for direction in ("ingress", "egress"):
+                for peer in rule.entries(direction):
+                    if peer.entities:
+                        return True  # entities such as `cluster` cover every identity
+                    if any(sel.matches(labels) for sel in peer.endpoints for labels in labels_list):
+                        return True
+        return False
 
     def _ensure_endpoint(self, key: str, pod: Resource) -> None:
         spec = pod.body.get("spec", {})
@@ -227,7 +283,7 @@ class ControlPlane:
             if labels_key(labels) != labels_key(ep.labels):
                 identity = self.identities.acquire(labels)
                 self.manager.set_identity(ep.handle.ip, identity)
-                self.identities.release(ep.labels)
+                self._release_identity(ep)
                 ep.labels, ep.identity = labels, identity
             ep.named_ports, ep.container_ports = named, ports
             return
@@ -244,9 +300,13 @@ class ControlPlane:
         ep = self.endpoints.pop(key)
         self._stop_listener(key)
         self.manager.delete(key.replace("/", "-"))
-        self.identities.release(ep.labels)
+        self._release_identity(ep)
         self.ipam.release(key)
         self.controllers.pop(f"endpoint-{key}", None)
+
+    def _release_identity(self, ep: LocalEndpoint) -> None:
+        self._released_labels[ep.identity] = ep.labels
+        self.identities.release(ep.labels)
 
     def _remove_stale(self, key: str) -> None:
         self._stop_listener(key)
@@ -259,25 +319,26 @@ class ControlPlane:
             self._cidr_ids[prefix] = self.identities.acquire_cidr(prefix)
         return self._cidr_ids[prefix]
 
-    def _apply_policy(self, revision: int) -> None:
-        identities = self.identities.all()
+    def _apply_policy(self, revision: int, keys: set[str], identities: dict) -> None:
         peer_ports: dict[int, dict] = {}
         for ep in self.endpoints.values():
             peer_ports.setdefault(ep.identity, {}).update(ep.named_ports)
-        used: set = set()
-        for ep in list(self.endpoints.values()):
+        for key in keys:
+            ep = self.endpoints.get(key)
+            if ep is None:
+                continue
             ctx = EndpointContext(labels=ep.labels, namespace=ep.pod_key.split("/")[0],
                                   named_ports=ep.named_ports)
             policy = resolve(ctx, self.repo, identities, self._cidr_identity,
                              peer_named_ports=peer_ports)
             for prefix, identity in policy.cidrs.items():
-                used.add(ipaddress.IPv4Network(prefix))
                 self.ipcache.upsert(prefix, identity)
             self.writer.apply(ep.handle.ip, ep.handle.endpoint_id, policy.rules,
                               enforce_ingress=policy.ingress_enforced,
                               enforce_egress=policy.egress_enforced)
             ep.ingress_enforced, ep.egress_enforced = policy.ingress_enforced, policy.egress_enforced
             ep.rule_count = len(policy.rules)
+        used = {ipaddress.IPv4Network(p) for p in self.repo.cidr_prefixes()}
         for prefix in [p for p in self._cidr_ids if p not in used]:
             self.ipcache.remove(prefix)
             self.identities.release_cidr(prefix)

@@ -5,6 +5,7 @@ checks every pair."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -131,3 +132,23 @@ def test_change_while_traffic_runs_and_delete_restores(cluster):
     cluster.expect(lambda s, d: d != "z/a")
     cluster.lab.delete(path)
     cluster.expect(lambda s, d: True)
+
+
+def test_pod_label_change_moves_the_pod_between_peers(cluster):
+    cluster.apply([np("from-b", "x", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]})])
+    cluster.expect(lambda s, d: d != "x/a" or s == "x/b")
+    manifest = cluster.lab.paths.manifests / "cluster.yaml"
+    original = manifest.read_text()
+    docs = list(yaml.safe_load_all(original))
+    for doc in docs:
+        if doc["kind"] == "Pod" and doc["metadata"]["namespace"] == "x" and doc["metadata"]["name"] == "c":
+            doc["metadata"]["labels"] = {"pod": "b"}
+    try:
+        manifest.write_text(yaml.safe_dump_all(docs))
+        cluster.lab.wait_realized()
+        cluster.expect(lambda s, d: d != "x/a" or s in ("x/b", "x/c"))
+    finally:
+        manifest.write_text(original)
+        cluster.lab.wait_realized()
+    cluster.expect(lambda s, d: d != "x/a" or s == "x/b")
