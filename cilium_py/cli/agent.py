@@ -12,7 +12,31 @@ from cilium_py.datapath.config import AGGREGATION_LEVELS, EVENT_BACKENDS, Datapa
 from cilium_py.datapath.loader import DatapathError
 
 
-@click.command()
+def load_config_file(ctx: click.Context, param, value):
+    """Options from a YAML/JSON file, keyed like the flags (`bpf-ct-global-tcp-max: 1024`).
+    Flags and environment variables win over the file."""
+    if not value:
+        return
+    import yaml
+
+    try:
+        with open(value) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"cannot read {value}: {e}", param=param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must map option names to values", param=param)
+    known = {p.name for p in ctx.command.params}
+    config = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(k.replace("_", "-") for k in config if k not in known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s): {', '.join(unknown)}", param=param)
+    ctx.default_map = {**(ctx.default_map or {}), **config}
+
+
+@click.command(context_settings={"auto_envvar_prefix": "CILIUMPY_AGENT", "show_default": True})
+@click.option("--config", type=click.Path(dir_okay=False), callback=load_config_file, is_eager=True,
+              expose_value=False, help="YAML or JSON file of options (flags and CILIUMPY_AGENT_* win)")
 @click.option("--node", envvar="CILIUMPY_NODE", default=defaults.NODE_NAME, show_default=True)
 @click.option("--bpf-root", envvar="CILIUMPY_BPF_ROOT", default=defaults.BPF_ROOT, show_default=True)
 @click.option("--run-dir", envvar="CILIUMPY_RUN_DIR", default=defaults.RUN_DIR, show_default=True)
@@ -42,7 +66,10 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
           bpf_ct_global_any_max, bpf_ct_timeout_regular_tcp, bpf_ct_timeout_regular_tcp_syn,
           bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, conntrack_gc_interval,
           events, monitor_aggregation, manifests, pod_cidr, router_ip, state_dir, lab, verbose):
-    """Run the node agent: load the datapath and keep it running."""
+    """Run the node agent: load the datapath and keep it running.
+
+    Every option can also come from the environment (CILIUMPY_AGENT_<OPTION>, e.g.
+    CILIUMPY_AGENT_BPF_CT_GLOBAL_TCP_MAX) or from --config FILE."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     datapath = DatapathConfig(

@@ -61,12 +61,16 @@ class E2ELab:
         # Keyed by (source pod, target name); a pod talking to itself never crosses its veth.
         return {(src, t.name): measured[(src, label(t))] for src in ALL for t in targets if src != t.name}
 
-    def expect(self, allowed, protocol: str = "TCP", world: bool = False) -> None:
+    def expect(self, allowed, protocol: str = "TCP", world: bool = False, udp=None) -> None:
+        """Checks the full matrix. A TCP check also checks UDP 81 with the same expectation
+        (or with `udp`), unless udp=False: most cases are about peers, not protocols."""
         got = self.matrix(protocol, world)
         want = {key: bool(allowed(*key)) for key in got}
         wrong = sorted(f"{s} -> {d}: got {'allowed' if got[(s, d)] else 'denied'}"
                        for (s, d) in got if got[(s, d)] != want[(s, d)])
         assert not wrong, f"{len(wrong)} of {len(got)} {protocol} probes differ:\n" + "\n".join(wrong)
+        if protocol == "TCP" and udp is not False:
+            self.expect(udp or allowed, protocol="UDP")
 
 
 @pytest.fixture(scope="session")

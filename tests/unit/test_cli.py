@@ -51,3 +51,36 @@ def test_config_validates_names():
         DatapathConfig(node="a/b")
     cflags = DatapathConfig(node="n", bpf_root="/sys/fs/bpf/x", events="perf").cflags()
     assert '-DPIN_ROOT="/sys/fs/bpf/x/n"' in cflags and "-DEVENTS_PERF" in cflags
+
+
+def test_agent_options_from_config_file_env_and_flags(tmp_path, monkeypatch):
+    from cilium_py.cli import agent as agent_cli
+
+    seen = {}
+
+    class FakeAgent:
+        def __init__(self, config):
+            seen["config"] = config
+
+        def run_forever(self):
+            pass
+
+    monkeypatch.setattr(agent_cli, "Agent", FakeAgent)
+    config = tmp_path / "agent.yaml"
+    config.write_text("node-netns: cpy-from-file\nbpf-ct-global-tcp-max: 2048\nevents: perf\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["agent", "--config", str(config), "--events", "ringbuf"],
+                           env={"CILIUMPY_AGENT_BPF_CT_GLOBAL_ANY_MAX": "4096"})
+    assert result.exit_code == 0, result.output
+    cfg = seen["config"]
+    assert cfg.node_netns == "cpy-from-file"
+    assert cfg.datapath.ct_global_tcp_max == 2048      # from the file
+    assert cfg.datapath.ct_global_any_max == 4096      # from the environment
+    assert cfg.datapath.events == "ringbuf"            # the flag beats the file
+
+
+def test_agent_config_file_with_unknown_option(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text("node-netns: x\nbpf-ct-global-max: 1\n")
+    result = CliRunner().invoke(cli, ["agent", "--config", str(config)])
+    assert result.exit_code == 2 and "unknown option(s): bpf-ct-global-max" in result.output
