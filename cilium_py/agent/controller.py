@@ -242,11 +242,16 @@ class ControlPlane:
             try:
                 self._ensure_endpoint(key, pods[key])
                 to_resolve.add(key)
+                status = self.controllers.get(f"endpoint-{key}")
+                if status is not None and status.last_error:
+                    status.last_error = ""  # recovered
+                    status.last_success = time.time()
             except Exception as e:  # noqa: BLE001 - one pod failing must not stop the others
                 status = self.controllers.setdefault(f"endpoint-{key}", ControllerStatus())
                 status.failures += 1
                 status.last_error = str(e)
-                log.exception("endpoint %s failed", key)
+                log.exception("endpoint %s failed; retrying", key)
+                self._retry_later(key)
         identities = self.identities.all()
         changed_ids = before ^ set(identities)
         changed_labels = [identities.get(i) or self._released_labels.pop(i, None) for i in changed_ids]
@@ -260,6 +265,13 @@ class ControlPlane:
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
+
+    def _retry_later(self, key: str, delay: float = 1.0) -> None:
+        with self._lock:
+            self._dirty_pods.add(key)
+        timer = threading.Timer(delay, self._dirty.set)
+        timer.daemon = True
+        timer.start()
 
     def _peers_touch(self, ep: LocalEndpoint, labels_list: list) -> bool:
         """Whether a policy selecting this endpoint has a peer that an identity with one of
