@@ -30,7 +30,7 @@ from cilium_py.agent.labels import endpoint_labels, format_labels, labels_key
 from cilium_py.agent.policy.api import PolicyError, parse_policy
 from cilium_py.agent.policy.mapstate import PolicyWriter
 from cilium_py.agent.policy.repository import PolicyRepository
-from cilium_py.agent.policy.resolve import EndpointContext, resolve
+from cilium_py.agent.policy.resolve import EndpointContext, PeerIndex, resolve
 from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
@@ -254,13 +254,12 @@ class ControlPlane:
                 self._retry_later(key)
         identities = self.identities.all()
         changed_ids = before ^ set(identities)
-        changed_labels = [identities.get(i) or self._released_labels.pop(i, None) for i in changed_ids]
-        for key, ep in self.endpoints.items():
-            if key in to_resolve:
-                continue
-            if any(sel.matches(ep.labels) for sel in selectors) or (
-                    changed_ids and self._peers_touch(ep, [l for l in changed_labels if l])):
-                to_resolve.add(key)
+        changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]
+        subjects = set(selectors) | self._subjects_with_peers([l for l in changed_labels if l])
+        if subjects:
+            for key, ep in self.endpoints.items():
+                if key not in to_resolve and any(sel.matches(ep.labels) for sel in subjects):
+                    to_resolve.add(key)
         self._apply_policy(revision, to_resolve, identities)
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
@@ -273,16 +272,29 @@ class ControlPlane:
         timer.daemon = True
         timer.start()
 
-    def _peers_touch(self, ep: LocalEndpoint, labels_list: list) -> bool:
-        """Whether a policy selecting this endpoint has a peer that an identity with one of
-        these label sets would match (so its appearing or leaving changes the map state)."""
-        for rule in self.repo.rules_selecting(ep.labels):
-            for direction in ("ingress", "egress"):
-                for peer in rule.entries(direction):
-                    if peer.entities:
-                        return True  # entities such as `cluster` cover every identity
-                    if any(sel.matches(labels) for sel in peer.endpoints for labels in labels_list):
-                        return True
+    def _subjects_with_peers(self, labels_list: list) -> set:
+        """Subject selectors of the rules that have a peer an identity with one of these
+        label sets would match: that identity appearing or leaving changes their map state.
+        One pass over the rules, not one per endpoint."""
+        if not labels_list:
+            return set()
+        subjects = set()
+        for key in self.repo.keys():
+            for rule in self.repo.get(key) or ():
+                if self._rule_peers_match(rule, labels_list):
+                    subjects.add(rule.subject)
+        return subjects
+
+    @staticmethod
+    def _rule_peers_match(rule, labels_list: list) -> bool:
+        for direction in ("ingress", "egress"):
+            for peer in rule.entries(direction):
+                # Of the entities only `cluster` grows with pods; host, world and the other
+                # reserved ones are fixed identities.
+                if "cluster" in peer.entities:
+                    return True
+                if any(sel.matches(labels) for sel in peer.endpoints for labels in labels_list):
+                    return True
         return False
 
     def _ensure_endpoint(self, key: str, pod: Resource) -> None:
@@ -311,7 +323,7 @@ class ControlPlane:
     def _remove_endpoint(self, key: str) -> None:
         ep = self.endpoints.pop(key)
         self._stop_listener(key)
-        self.manager.delete(key.replace("/", "-"))
+        self._delete_endpoint(key)
         self._release_identity(ep)
         self.ipam.release(key)
         self.controllers.pop(f"endpoint-{key}", None)
@@ -322,8 +334,13 @@ class ControlPlane:
 
     def _remove_stale(self, key: str) -> None:
         self._stop_listener(key)
-        self.manager.delete(key.replace("/", "-"))
+        self._delete_endpoint(key)
         self.ipam.release(key)
+
+    def _delete_endpoint(self, key: str) -> None:
+        endpoint_id = self.manager.delete(key.replace("/", "-"))
+        if endpoint_id is not None:
+            self.writer.forget(endpoint_id)  # the teardown removed its entries
 
     def _cidr_identity(self, prefix) -> int:
         prefix = ipaddress.IPv4Network(prefix)
@@ -335,6 +352,8 @@ class ControlPlane:
         peer_ports: dict[int, dict] = {}
         for ep in self.endpoints.values():
             peer_ports.setdefault(ep.identity, {}).update(ep.named_ports)
+        # One index for the whole pass: each peer selector meets the identities once.
+        peers = PeerIndex(identities, self._cidr_identity, self.repo.cidr_prefixes())
         for key in keys:
             ep = self.endpoints.get(key)
             if ep is None:
@@ -342,7 +361,7 @@ class ControlPlane:
             ctx = EndpointContext(labels=ep.labels, namespace=ep.pod_key.split("/")[0],
                                   named_ports=ep.named_ports)
             policy = resolve(ctx, self.repo, identities, self._cidr_identity,
-                             peer_named_ports=peer_ports)
+                             peer_named_ports=peer_ports, peers=peers)
             for prefix, identity in policy.cidrs.items():
                 self.ipcache.upsert(prefix, identity)
             self.writer.apply(ep.handle.ip, ep.handle.endpoint_id, policy.rules,

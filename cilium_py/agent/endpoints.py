@@ -187,10 +187,13 @@ class EndpointManager:
                 count += 1
         return count
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str) -> int | None:
+        """Removes the endpoint; returns its endpoint ID (None when none was found), whose
+        policy entries went with it."""
         pod_ns = self.pod_netns(name)
         ep = self._find(pod_ns)
         self._teardown(pod_ns, ep.ip if ep else None, ep.endpoint_id if ep else None)
+        return ep.endpoint_id if ep else None
 
     def _find(self, pod_ns: str) -> Endpoint | None:
         ifname = host_ifname(pod_ns)

@@ -142,17 +142,20 @@ def map_next_key(fd: int, key, next_key) -> bool:
 
 def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
     """Yields (key, value) pairs in batches. Raises OSError(EINVAL/ENOTSUPP) for map types
-    without batch support (LPM tries), so callers can fall back to key iteration."""
+    without batch support, so callers can fall back to key iteration."""
     keys = (key_type * batch)()
     values = (value_type * batch)()
-    in_batch = ctypes.c_uint64(0)
-    out_batch = ctypes.c_uint64(0)
+    # The position token is a u32 bucket for hash maps but a whole key for the generic
+    # batch code (LPM tries, arrays): size it for either, or the kernel writes past it.
+    token_size = max(8, ctypes.sizeof(key_type))
+    in_batch = ctypes.create_string_buffer(token_size)
+    out_batch = ctypes.create_string_buffer(token_size)
     opts = BpfMapBatchOpts(sz=ctypes.sizeof(BpfMapBatchOpts))
     first = True
     while True:
         count = ctypes.c_uint32(batch)
         ret = _lib().bpf_map_lookup_batch(
-            fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+            fd, None if first else in_batch, out_batch,
             keys, values, ctypes.byref(count), ctypes.byref(opts))
         done = ret == -errno.ENOENT
         if ret < 0 and not done:
@@ -161,7 +164,7 @@ def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
             yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
         if done:
             return
-        in_batch.value = out_batch.value
+        ctypes.memmove(in_batch, out_batch, token_size)
         first = False
 
 

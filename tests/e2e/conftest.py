@@ -5,11 +5,13 @@ Tests apply policies, compare full reachability matrices, and remove what they a
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cilium_py.datapath.maps.conntrack import ConntrackTables
 from cilium_py.lab.lab import WORLD_PORT, Lab
 from cilium_py.lab.matrix import Target, label, measure
 
@@ -64,6 +66,11 @@ class E2ELab:
     def expect(self, allowed, protocol: str = "TCP", world: bool = False, udp=None) -> None:
         """Checks the full matrix. A TCP check also checks UDP 81 with the same expectation
         (or with `udp`), unless udp=False: most cases are about peers, not protocols."""
+        # Probes test policy on new connections: a UDP probe whose random source port
+        # matches a live conntrack entry of an earlier, allowed probe would ride on it.
+        tables = ConntrackTables(os.path.join(self.lab.bpf_root, self.lab.name))
+        tables.flush()
+        tables.close()
         got = self.matrix(protocol, world)
         want = {key: bool(allowed(*key)) for key in got}
         wrong = sorted(f"{s} -> {d}: got {'allowed' if got[(s, d)] else 'denied'}"

@@ -27,8 +27,8 @@ def test_port_range_prefixes_cover_exactly_the_range(first, last):
 
 
 def test_aligned_range_is_one_prefix():
-    assert port_range_prefixes(8080, 8087) == [(8080, 13)]
-    assert port_range_prefixes(0, 65535) == [(0, 0)]
+    assert list(port_range_prefixes(8080, 8087)) == [(8080, 13)]
+    assert list(port_range_prefixes(0, 65535)) == [(0, 0)]
 
 
 def test_deny_of_same_identity_folds_narrower_allow():

@@ -9,7 +9,9 @@ longest match and would otherwise let the narrower allow hide the wider deny.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cilium_py.datapath.maps.policy import EGRESS, INGRESS, PolicyMap, PolicyMapKey
 from cilium_py.datapath.maps.endpoints import EndpointMap
@@ -51,10 +53,12 @@ class PolicyRule:
             raise PolicyRuleError("ICMP types cannot be ranges")
 
 
-def port_range_prefixes(first: int, last: int) -> list[tuple[int, int]]:
-    """Splits [first, last] into the fewest aligned blocks, as (start, prefix bits)."""
+@functools.lru_cache(maxsize=4096)
+def port_range_prefixes(first: int, last: int) -> tuple[tuple[int, int], ...]:
+    """Splits [first, last] into the fewest aligned blocks, as (start, prefix bits).
+    Memoized: the same few ranges recur in every endpoint's rules."""
     if first == 0 and last == 65535:
-        return [(0, 0)]
+        return ((0, 0),)
     blocks = []
     port = first
     while port <= last:
@@ -63,11 +67,10 @@ def port_range_prefixes(first: int, last: int) -> list[tuple[int, int]]:
             size >>= 1
         blocks.append((port, 16 - (size.bit_length() - 1)))
         port += size
-    return blocks
+    return tuple(blocks)
 
 
-@dataclass(frozen=True)
-class MapEntry:
+class MapEntry(NamedTuple):
     deny: bool
     cookie: int
 
@@ -96,19 +99,23 @@ def _covers(wide: PolicyMapKey, narrow: PolicyMapKey) -> bool:
 
 def compute_map_state(endpoint_id: int, rules: list[PolicyRule]) -> dict[PolicyMapKey, MapEntry]:
     state: dict[PolicyMapKey, MapEntry] = {}
-    denies: list[tuple[PolicyMapKey, MapEntry]] = []
+    # Only a deny of the same identity and direction can be shadowed by a narrower allow
+    # (the datapath's second lookup handles identity 0), so denies are grouped that way.
+    denies: dict[tuple[int, str], list[tuple[PolicyMapKey, MapEntry]]] = {}
     for rule in rules:
         for key in _keys_of(endpoint_id, rule):
             if rule.deny:
                 entry = MapEntry(True, rule.cookie)
                 state[key] = entry
-                denies.append((key, entry))
+                denies.setdefault((key.identity, key.direction), []).append((key, entry))
             elif key not in state:
                 state[key] = MapEntry(False, rule.cookie)
+    if not denies:
+        return state
     for key, entry in list(state.items()):
         if entry.deny:
             continue
-        for deny_key, deny_entry in denies:
+        for deny_key, deny_entry in denies.get((key.identity, key.direction), ()):
             if _covers(deny_key, key):
                 state[key] = deny_entry
                 break
@@ -116,29 +123,46 @@ def compute_map_state(endpoint_id: int, rules: list[PolicyRule]) -> dict[PolicyM
 
 
 class PolicyWriter:
-    """Writes an endpoint's policy: entries that changed, then the enforcement flags."""
+    """Writes an endpoint's policy: entries that changed, then the enforcement flags.
+
+    What each endpoint has in the map is kept in memory (read from the map once, on first
+    use), so a change costs its own entries: reading the shared map back per endpoint would
+    make every write grow with the whole node."""
 
     def __init__(self, policy_map: PolicyMap, endpoint_map: EndpointMap):
         self.policy_map = policy_map
         self.endpoint_map = endpoint_map
+        self._realized: dict[int, dict[PolicyMapKey, MapEntry]] | None = None
+
+    def _load(self) -> dict[int, dict[PolicyMapKey, MapEntry]]:
+        if self._realized is None:
+            realized: dict[int, dict[PolicyMapKey, MapEntry]] = {}
+            for key, value in self.policy_map.entries().items():
+                realized.setdefault(key.endpoint_id, {})[key] = MapEntry(value.deny, value.cookie)
+            self._realized = realized
+        return self._realized
+
+    def forget(self, endpoint_id: int) -> None:
+        """The endpoint's entries were removed from the map by someone else (teardown)."""
+        self._load().pop(endpoint_id, None)
 
     def apply(self, endpoint_ip, endpoint_id: int, rules: list[PolicyRule], *,
               enforce_ingress: bool, enforce_egress: bool) -> tuple[int, int]:
         """Returns (entries written, entries removed)."""
         desired = compute_map_state(endpoint_id, rules)
-        realized = self.policy_map.entries(endpoint_id)
+        realized = self._load().setdefault(endpoint_id, {})
         written = removed = 0
         # Add before remove and only then switch enforcement on, so no packet meets an
         # enforced direction with a half-written map.
         for key, entry in desired.items():
-            have = realized.get(key)
-            if have is None or (have.deny, have.cookie) != (entry.deny, entry.cookie):
+            if realized.get(key) != entry:
                 self.policy_map.put(key, deny=entry.deny, cookie=entry.cookie)
+                realized[key] = entry
                 written += 1
         self.endpoint_map.set_policy_enforcement(endpoint_ip, ingress=enforce_ingress,
                                                  egress=enforce_egress)
-        for key in realized:
-            if key not in desired:
-                self.policy_map.remove(key)
-                removed += 1
+        for key in [k for k in realized if k not in desired]:
+            self.policy_map.remove(key)
+            del realized[key]
+            removed += 1
         return written, removed

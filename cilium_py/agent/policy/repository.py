@@ -16,6 +16,9 @@ from cilium_py.agent.policy.api import Rule, policy_name
 from cilium_py.agent.policy.selector import LabelSelector
 
 
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
+
+
 def key_name(key) -> str:
     if isinstance(key, tuple) and len(key) == 3:
         return policy_name(*key)
@@ -87,11 +90,15 @@ class PolicyRepository:
 
     def selecting(self, labels) -> list[tuple[int, Rule]]:
         """(cookie, rule) for every rule whose subject matches labels, in a stable order."""
+        # A namespaced rule's subject requires its namespace: skip the others without
+        # matching selectors (most rules of a big cluster live in other namespaces).
+        namespace = labels.get(NAMESPACE_LABEL)
         with self._lock:
             items = [(self._cookies[k], k, rules) for k, rules in self._rules.items()]
         out = []
         for cookie, _, rules in sorted(items, key=lambda t: t[0]):
-            out.extend((cookie, r) for r in rules if r.selects(labels))
+            out.extend((cookie, r) for r in rules
+                       if (not r.namespace or r.namespace == namespace) and r.selects(labels))
         return out
 
     def rules_selecting(self, labels) -> list[Rule]:

@@ -29,6 +29,7 @@ from ipaddress import IPv4Network
 
 from cilium_py.agent.policy.api import ANY, SCTP, TCP, UDP, CIDRPeer, PeerRule, PortSpec
 from cilium_py.agent.policy.mapstate import PolicyRule
+from cilium_py.agent.policy.selector import IN
 from cilium_py.agent.policy.repository import PolicyRepository
 from cilium_py.datapath.maps.policy import EGRESS, INGRESS
 
@@ -37,6 +38,7 @@ ENTITY_IDS = {"host": {1}, "unmanaged": {3}, "health": {4}, "init": {5}, "remote
               "kube-apiserver": {7}, "ingress": {8}, "none": set(), "world-ipv6": set()}
 WORLD_IDS = frozenset({2, 9, 10})
 LOCAL_CIDR_SCOPE = 1 << 24
+NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 
 NamedPorts = dict[str, tuple[int, int]]
 
@@ -71,9 +73,17 @@ def _cidr_of(labels: Mapping[str, str]) -> IPv4Network | None:
     return None
 
 
-class _Peers:
+class PeerIndex:
+    """Peers to identities for one snapshot of the identities and the repository's
+    prefixes. Selector results are memoized, so resolving many endpoints against the same
+    snapshot matches each selector against the identities once (a selector cache, as in
+    Cilium), not once per endpoint. Build a new index when identities change."""
+
     def __init__(self, identities: Mapping[int, Mapping[str, str]], cidr_identity, prefixes):
         self.identities = identities
+        self._by_selector: dict = {}
+        self._cluster: set[int] | None = None
+        self._by_namespace: dict[str, list] | None = None
         self.cidrs: dict[IPv4Network, int] = {}
         self.known: dict[IPv4Network, set[int]] = {}
         for ident, labels in identities.items():
@@ -92,7 +102,25 @@ class _Peers:
     def of_selector(self, selector) -> set[int]:
         if selector.is_empty():
             return {0}
-        return {i for i, labels in self.identities.items() if i != 0 and selector.matches(labels)}
+        found = self._by_selector.get(selector)
+        if found is None:
+            found = {i for i, labels in self._candidates(selector)
+                     if i != 0 and selector.matches(labels)}
+            self._by_selector[selector] = found
+        return found
+
+    def _candidates(self, selector):
+        """Identities a selector can match: those of its namespaces when it pins the
+        namespace (every CNP peer and NetworkPolicy pod peer does), else all of them."""
+        for req in selector.requirements:
+            if req.key == NAMESPACE_KEY and req.operator == IN and req.source in (None, "k8s"):
+                if self._by_namespace is None:
+                    self._by_namespace = {}
+                    for i, labels in self.identities.items():
+                        ns = labels.get("k8s:" + NAMESPACE_KEY)
+                        self._by_namespace.setdefault(ns, []).append((i, labels))
+                return [pair for ns in req.values for pair in self._by_namespace.get(ns, ())]
+        return self.identities.items()
 
     def of_cidr(self, peer: CIDRPeer) -> set[int]:
         out = {self.cidrs[peer.cidr]}
@@ -109,8 +137,10 @@ class _Peers:
         if name in ("world", "world-ipv4"):
             return {WORLD} | {i for ids in self.known.values() for i in ids}
         if name == "cluster":
-            return {i for i, labels in self.identities.items()
-                    if i != 0 and i not in WORLD_IDS and not self._is_cidr(i, labels)}
+            if self._cluster is None:
+                self._cluster = {i for i, labels in self.identities.items()
+                                 if i != 0 and i not in WORLD_IDS and not self._is_cidr(i, labels)}
+            return self._cluster
         return set(ENTITY_IDS[name])
 
     def of_rule(self, entry: PeerRule) -> set[int]:
@@ -178,10 +208,11 @@ def resolve(endpoint: EndpointContext, repo: PolicyRepository,
             identities: Mapping[int, Mapping[str, str]],
             cidr_identity: Callable[[IPv4Network], int],
             peer_named_ports: Mapping[int, NamedPorts] | None = None,
-            *, allow_localhost: bool = True) -> EndpointPolicy:
+            *, allow_localhost: bool = True, peers: PeerIndex | None = None) -> EndpointPolicy:
     """cidr_identity is called for every prefix in the repository on every call: the caller
     keeps it idempotent (the allocator's acquire is refcounted). The result's cidrs holds
-    all those prefixes, which is what the ipcache needs."""
+    all those prefixes, which is what the ipcache needs. Pass `peers` (one PeerIndex built
+    for the current identities) when resolving many endpoints in a row."""
     # Read before the rules: a policy changing meanwhile makes the result look older than
     # it is, so the caller recomputes, never newer, which would skip a needed recompute.
     revision = repo.revision
@@ -189,7 +220,8 @@ def resolve(endpoint: EndpointContext, repo: PolicyRepository,
     # Every prefix of every policy, not only the selecting ones: each gets an ipcache entry,
     # which changes the identity of its addresses for all endpoints, so a wider CIDR peer
     # or the world entity of this endpoint must cover it too.
-    peers = _Peers(identities, cidr_identity, repo.cidr_prefixes())
+    if peers is None:
+        peers = PeerIndex(identities, cidr_identity, repo.cidr_prefixes())
     named = peer_named_ports or {}
 
     rules: set[PolicyRule] = set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .base import BpfMap, be16
 
@@ -40,10 +41,10 @@ class PolicyEntry(ctypes.Structure):
     ]
 
 
-@dataclass(frozen=True, order=True)
-class PolicyMapKey:
+class PolicyMapKey(NamedTuple):
     """One entry's key in domain terms: `port`/`port_prefix` is an aligned block of ports
-    (port_prefix 16 = one port, 0 = any port); protocol 0 = any protocol (and any port)."""
+    (port_prefix 16 = one port, 0 = any port); protocol 0 = any protocol (and any port).
+    A named tuple, not a dataclass: map state builds hundreds of thousands of these."""
 
     endpoint_id: int
     identity: int
