@@ -30,7 +30,8 @@ from cilium_py.agent.labels import endpoint_labels, format_labels, labels_key
 from cilium_py.agent.policy.api import PolicyError, parse_policy
 from cilium_py.agent.policy.mapstate import PolicyWriter
 from cilium_py.agent.policy.repository import PolicyRepository
-from cilium_py.agent.policy.resolve import EndpointContext, PeerIndex, resolve
+from cilium_py.agent.policy.resolve import NAMESPACE_KEY, EndpointContext, PeerIndex, resolve
+from cilium_py.agent.policy.selector import IN
 from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
@@ -107,6 +108,7 @@ class ControlPlane:
         self.writer = PolicyWriter(self.manager.policy, self.manager.endpoints)
         self.ipcache = IPCacheMap(config.datapath.pin_dir)
         self.endpoints: dict[str, LocalEndpoint] = {}
+        self._by_namespace: dict[str, set[str]] = {}  # namespace -> endpoint keys
         self.rejected: dict[tuple, ValidationError] = {}
         self.source_errors_fn = lambda: []  # the agent points this at its sources' errors
         self.controllers: dict[str, ControllerStatus] = {}
@@ -198,14 +200,33 @@ class ControlPlane:
                 time.sleep(0.2)
                 self._dirty.set()
 
+    def _is_ours(self, pod: Resource) -> bool:
+        assigned = pod.body.get("spec", {}).get("nodeName")
+        return assigned == self.config.datapath.node or (assigned is None and self.config.lab)
+
     def _node_pods(self) -> dict[str, Resource]:
-        node = self.config.datapath.node
+        return {f"{p.namespace}/{p.name}": p for p in self.store.list("Pod") if self._is_ours(p)}
+
+    def _node_pods_of(self, keys) -> dict[str, Resource]:
+        """The pods behind these keys that are ours, read one by one: a change to one pod
+        must not cost a walk over the whole store."""
         pods = {}
-        for pod in self.store.list("Pod"):
-            assigned = pod.body.get("spec", {}).get("nodeName")
-            if assigned == node or (assigned is None and self.config.lab):
-                pods[f"{pod.namespace}/{pod.name}"] = pod
+        for key in keys:
+            namespace, _, name = key.partition("/")
+            pod = self.store.get(("Pod", namespace, name))
+            if pod is not None and self._is_ours(pod):
+                pods[key] = pod
         return pods
+
+    def _endpoints_selected(self, selector, skip: set) -> set[str]:
+        """Endpoint keys a subject selector matches. Namespaced policies pin the namespace,
+        so only that namespace's endpoints are tested."""
+        candidates = self.endpoints.keys()
+        for req in selector.requirements:
+            if req.key == NAMESPACE_KEY and req.operator == IN and req.source in (None, "k8s"):
+                candidates = [k for ns in req.values for k in self._by_namespace.get(ns, ())]
+                break
+        return {k for k in candidates if k not in skip and selector.matches(self.endpoints[k].labels)}
 
     def _namespace_labels(self, namespace: str) -> dict:
         ns = self.store.get(("Namespace", "", namespace))
@@ -225,7 +246,10 @@ class ControlPlane:
             selectors, self._dirty_selectors = self._dirty_selectors, set()
             full = self._first_run
             self._first_run = False
-        pods = self._node_pods()
+        if full or namespaces:
+            pods = self._node_pods()
+        else:
+            pods = self._node_pods_of(dirty_pods)
         if full:
             dirty_pods |= set(pods) | set(self.endpoints)
             for key in [k for k in self.ipam.allocated() if k not in pods]:
@@ -256,10 +280,8 @@ class ControlPlane:
         changed_ids = before ^ set(identities)
         changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]
         subjects = set(selectors) | self._subjects_with_peers([l for l in changed_labels if l])
-        if subjects:
-            for key, ep in self.endpoints.items():
-                if key not in to_resolve and any(sel.matches(ep.labels) for sel in subjects):
-                    to_resolve.add(key)
+        for selector in subjects:
+            to_resolve |= self._endpoints_selected(selector, to_resolve)
         self._apply_policy(revision, to_resolve, identities)
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
@@ -316,12 +338,14 @@ class ControlPlane:
         name = key.replace("/", "-")
         handle = self.manager.adopt(name, ip, identity) or self.manager.create(name, ip, identity)
         self.endpoints[key] = LocalEndpoint(key, handle, labels, identity, named, ports)
+        self._by_namespace.setdefault(pod.namespace, set()).add(key)
         if self.config.lab:
             self._start_listener(key, handle, ports)
         self.controllers.setdefault(f"endpoint-{key}", ControllerStatus()).runs += 1
 
     def _remove_endpoint(self, key: str) -> None:
         ep = self.endpoints.pop(key)
+        self._by_namespace.get(key.split("/")[0], set()).discard(key)
         self._stop_listener(key)
         self._delete_endpoint(key)
         self._release_identity(ep)
