@@ -230,10 +230,7 @@ class ControlPlane:
 
     def _namespace_labels(self, namespace: str) -> dict:
         ns = self.store.get(("Namespace", "", namespace))
-        labels = dict(ns.labels) if ns is not None else {}
-        # The API server sets this label on every namespace; policies select namespaces by it.
-        labels["kubernetes.io/metadata.name"] = namespace
-        return labels
+        return dict(ns.labels) if ns is not None else {}  # endpoint_labels adds the name label
 
     def regenerate(self, revision: int) -> None:
         """Brings the endpoints a change can affect to the desired state:
