@@ -11,10 +11,12 @@ HDR_COMMON := /usr/src/linux-headers-6.1.0-56-common
 APT_PKGS   := python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv \
               iproute2 iputils-ping iperf3 procps
 STAMP      := $(VENV)/.setup-done
+PROTOS     := $(wildcard hubble/proto/*/*.proto)
+PROTO_STAMP := cilium_py/hubble/api/__init__.py
 
-.PHONY: setup test test-unit test-bpf test-netns demo bench clean-lab lint
+.PHONY: setup test test-unit test-bpf test-netns demo bench clean-lab lint proto
 
-setup: $(STAMP) bpffs headers
+setup: $(STAMP) bpffs headers $(PROTO_STAMP)
 
 $(STAMP): pyproject.toml
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,8 +30,15 @@ $(STAMP): pyproject.toml
 	ln -sfn /usr/lib/python3/dist-packages/bcc $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
-	$(PY) -c 'import bcc, pyroute2, scapy' 
+	$(PY) -c 'import bcc, pyroute2, scapy, grpc, grpc_tools, prometheus_client, numpy'
 	touch $(STAMP)
+
+# The Hubble API stubs are generated, never committed: hubble/proto is the source.
+proto: $(STAMP)
+	$(PY) -m cilium_py.hubble.protogen
+
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	$(PY) -m cilium_py.hubble.protogen
 
 # BCC compiles against the running kernel's headers; Debian ships 6.1 headers for any
 # kernel, so point the running kernel's build/source links at them when missing.

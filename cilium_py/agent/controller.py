@@ -113,6 +113,9 @@ class ControlPlane:
         self.source_errors_fn = lambda: []  # the agent points this at its sources' errors
         self.controllers: dict[str, ControllerStatus] = {}
         self.revision = 1
+        # Bumped after every regeneration: readers that cache what endpoints, identities
+        # or policies say (Hubble's flow enrichment) drop their caches when it moves.
+        self.generation = 0
         # What changed since the last regeneration; the loop takes and clears these.
         self._dirty_pods: set[str] = set()
         self._dirty_namespaces: set[str] = set()
@@ -283,6 +286,7 @@ class ControlPlane:
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
+        self.generation += 1
 
     def _retry_later(self, key: str, delay: float = 1.0) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ from cilium_py.agent.api import APIServer
 from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
 from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
+from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.sources.manifests import ManifestsSource
 from cilium_py.agent.store import Store
@@ -29,7 +30,7 @@ from cilium_py.datapath import attach, loader, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.endpoints import ENDPOINT_F_HOST, EndpointMap
 from cilium_py.datapath.maps.ipcache import IPCacheMap
-from cilium_py.datapath.monitor import EventReader
+from cilium_py.datapath.monitor import EventReader, decode, EventDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class AgentConfig:
     router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
     state_dir: str = ""             # identities, IPAM, listeners; survives restarts
     lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
+    hubble: HubbleConfig = field(default_factory=HubbleConfig)
+    prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)
 
     @property
     def run_state_dir(self) -> str:
@@ -86,6 +89,9 @@ class Agent:
         self.source = None
         self.control = None
         self.api = APIServer(config.api_socket, self)
+        self.hubble: Hubble | None = None
+        self.metrics = None
+        self._metrics_servers = []
 
     def start(self) -> None:
         cfg = self.config
@@ -106,10 +112,13 @@ class Agent:
         self.gc = ConntrackGC(cfg.datapath.pin_dir, cfg.gc_interval)
         self.gc.start()
         self.monitor.start()
-        self.reader = EventReader(self.loaded, self.monitor.publish)
-        self.reader.start()
         if cfg.manifests:
             self._start_control_plane()
+        self._start_observability()
+        self.reader = EventReader(self.loaded, on_batch=self._on_events)
+        if self.hubble is not None:
+            self.hubble.set_perf_lost_source(lambda: self.reader.perf_lost)
+        self.reader.start()
         self.api.start()
         self.start_seconds = time.monotonic() - started
         with open(cfg.ready_file, "w") as f:
@@ -132,6 +141,24 @@ class Agent:
         self.source.sync_once()
         self.control.start()
         self.source.start()
+
+    def _start_observability(self) -> None:
+        cfg = self.config
+        if cfg.hubble.enabled:
+            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir, self.control)
+            self.hubble.start()
+
+    def _on_events(self, records: list[bytes]) -> None:
+        """Every batch the datapath produced: to Hubble, and to `ciliumpy monitor` clients
+        when there are any (decoding for them is skipped otherwise)."""
+        if self.hubble is not None:
+            self.hubble.on_batch(records)
+        if self.monitor.client_count:
+            for raw in records:
+                try:
+                    self.monitor.publish(decode(raw))
+                except EventDecodeError:
+                    pass
 
     def sync_sources(self) -> int:
         """Reads the manifests now; returns the revision that covers what they hold."""
@@ -174,6 +201,7 @@ class Agent:
             "policy": {"revision": control.revision if control else 0,
                        "realized": control.realized_revision() if control else 0},
             "map_pressure": pressure,
+            "hubble": self.hubble.status() if self.hubble else {"enabled": False},
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
 
@@ -211,6 +239,10 @@ class Agent:
             self.control.close()
         if self.reader:
             self.reader.stop()
+        if self.hubble:
+            self.hubble.stop()
+        for server in self._metrics_servers:
+            server.stop()
         if self.gc:
             self.gc.stop()
         self.monitor.stop()

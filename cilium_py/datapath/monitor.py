@@ -1,9 +1,9 @@
 """Reading and decoding datapath events.
 
 `decode()` turns one ring/perf buffer record (struct event, bpf/lib/events.h) into a
-MonitorEvent with the captured packet summarized; `EventReader` polls the buffer on a
-thread and hands decoded events to a callback. The Hubble parser builds on the same
-MonitorEvent.
+MonitorEvent with the captured packet summarized, for `ciliumpy monitor`; `EventReader`
+polls the buffer on a thread and hands batches of raw records to the agent, which feeds
+them to the monitor relay and to Hubble's parser (cilium_py/hubble/parser.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 
 from cilium_py.datapath import reasons
+from cilium_py.datapath.ringbuf import RingBufferConsumer
 from cilium_py.datapath.maps.events import (
     EVENT_DROP,
     EVENT_POLICY_VERDICT,
@@ -151,51 +152,69 @@ def decode(raw: bytes) -> MonitorEvent:
 
 
 class EventReader:
-    """Polls the loaded datapath's event buffer on a daemon thread. `on_event` gets each
-    decoded MonitorEvent; records that fail to decode and perf-reported losses are counted."""
+    """Polls the loaded datapath's event buffer on a daemon thread and hands over whole
+    batches of raw records: `on_batch(list[bytes])`. With `on_event`, each record is also
+    decoded into a MonitorEvent (records that fail to decode are counted and skipped).
 
-    def __init__(self, loaded, on_event, poll_ms: int = 100):
+    The ring buffer is read straight from its shared memory (RingBufferConsumer), one
+    batch per wake-up; the perf buffer goes through BCC's per-record callbacks, which
+    also report the records the kernel could not queue (`perf_lost`).
+    """
+
+    def __init__(self, loaded, on_event=None, *, on_batch=None, poll_ms: int = 100):
         self.loaded = loaded
         self.on_event = on_event
+        self.on_batch = on_batch
         self.poll_ms = poll_ms
         self.received = 0
+        self.batches = 0
         self.decode_errors = 0
         self.perf_lost = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._table = loaded.events_table
+        self._ring: RingBufferConsumer | None = None
+        self._pending: list[bytes] = []
+        table = loaded.events_table
         if loaded.config.events == "perf":
-            self._table.open_perf_buffer(self._on_perf, page_cnt=256, lost_cb=self._on_lost)
-            self._poll = loaded.bpf.perf_buffer_poll
+            table.open_perf_buffer(self._on_perf, page_cnt=256, lost_cb=self._on_lost)
+            self._perf_poll = loaded.bpf.perf_buffer_poll
         else:
-            self._table.open_ring_buffer(self._on_ring)
-            self._poll = loaded.bpf.ring_buffer_poll
-
-    def _handle(self, data, size) -> None:
-        raw = ctypes.string_at(data, size)
-        self.received += 1
-        try:
-            event = decode(raw)
-        except EventDecodeError:
-            self.decode_errors += 1
-            return
-        try:
-            self.on_event(event)
-        except Exception:  # a consumer bug must not stop the reader
-            log.exception("event consumer failed")
-
-    def _on_ring(self, ctx, data, size):
-        self._handle(data, size)
-        return 0
+            self._ring = RingBufferConsumer(table.map_fd)
 
     def _on_perf(self, cpu, data, size):
-        self._handle(data, size)
+        self._pending.append(ctypes.string_at(data, size))
 
     def _on_lost(self, count):
         self.perf_lost += count
 
-    def poll_once(self, timeout_ms: int | None = None) -> None:
-        self._poll(timeout=self.poll_ms if timeout_ms is None else timeout_ms)
+    def _dispatch(self, records: list[bytes]) -> None:
+        self.received += len(records)
+        self.batches += 1
+        try:
+            if self.on_batch is not None:
+                self.on_batch(records)
+            if self.on_event is not None:
+                for raw in records:
+                    try:
+                        event = decode(raw)
+                    except EventDecodeError:
+                        self.decode_errors += 1
+                        continue
+                    self.on_event(event)
+        except Exception:  # a consumer bug must not stop the reader
+            log.exception("event consumer failed")
+
+    def poll_once(self, timeout_ms: int | None = None) -> int:
+        """Waits up to timeout_ms for events and dispatches what arrived; returns the count."""
+        timeout = self.poll_ms if timeout_ms is None else timeout_ms
+        if self._ring is not None:
+            records = self._ring.read() if self._ring.wait(timeout) else []
+        else:
+            self._perf_poll(timeout=timeout)
+            records, self._pending = self._pending, []
+        if records:
+            self._dispatch(records)
+        return len(records)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="event-reader", daemon=True)
@@ -203,9 +222,12 @@ class EventReader:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._poll(timeout=self.poll_ms)
+            self.poll_once()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None

@@ -28,6 +28,8 @@ from cilium_py.datapath import netns
 from cilium_py.lab.node import NS_PREFIX, LabNode
 
 LAB_ROOT = os.path.join(defaults.RUN_DIR, "lab")
+DEFAULT_LAB = "lab"
+DEFAULT_HUBBLE_SOCKET = os.path.join(defaults.RUN_DIR, "hubble.sock")
 CGROUP_ROOT = "/sys/fs/cgroup/unified"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 WORLD_PORT = 80
@@ -144,10 +146,39 @@ class Lab:
             info["agent_pid"] = self._start_agent(node)
             self.paths.info.write_text(json.dumps(info))
             self._wait_ready(timeout)
+            self._link_default_hubble_socket()
             return self.wait_realized(timeout)
         except BaseException:
             self.down()
             raise
+
+    @property
+    def hubble_socket(self) -> Path:
+        return self.paths.run / "hubble.sock"
+
+    @property
+    def hubble_server(self) -> str:
+        """What `hubble observe --server` takes to reach this lab's agent."""
+        return f"unix://{self.hubble_socket}"
+
+    def _link_default_hubble_socket(self) -> None:
+        """The default lab answers at hubble's default address, so a bare `hubble observe`
+        works after `ciliumpy lab up`; a socket some other agent owns is left alone."""
+        if self.name != DEFAULT_LAB:
+            return
+        link = Path(DEFAULT_HUBBLE_SOCKET)
+        if link.is_symlink() and not link.exists():
+            link.unlink()  # left by a lab that is gone
+        if not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(self.hubble_socket)
+
+    def _unlink_default_hubble_socket(self) -> bool:
+        link = Path(DEFAULT_HUBBLE_SOCKET)
+        if link.is_symlink() and os.readlink(link) == str(self.hubble_socket):
+            link.unlink()
+            return True
+        return False
 
     @staticmethod
     def _start_world(node: LabNode) -> int:
@@ -167,7 +198,10 @@ class Lab:
                 "--node-netns", node.netns, "--device", "eth0", "--node-ip", str(a.router_ip),
                 "--node-ip", str(a.uplink_ip), "--manifests", str(self.paths.manifests),
                 "--pod-cidr", str(a.pod_cidr), "--router-ip", str(a.router_ip),
-                "--state-dir", str(self.paths.state), "--lab"]
+                "--state-dir", str(self.paths.state), "--lab",
+                # Ephemeral ports: several labs may run at once; `lab status` shows the ports.
+                "--prometheus-serve-addr", "127.0.0.1:0", "--hubble-metrics-server", "127.0.0.1:0",
+                "--hubble-metrics", "drop,tcp,flow,icmp,port-distribution"]
         log = open(self.paths.root / "agent.log", "ab")
         # Its own session: the agent keeps running after `lab up` returns.
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -257,6 +291,8 @@ class Lab:
                 removed.append(f"cgroup {self.cgroup}")
             except OSError:
                 pass  # a process still in it (an exec still running); it goes when that ends
+        if self._unlink_default_hubble_socket():
+            removed.append(f"link {DEFAULT_HUBBLE_SOCKET}")
         if self.paths.root.exists():
             shutil.rmtree(self.paths.root, ignore_errors=True)
             removed.append(f"lab directory {self.paths.root}")
@@ -330,4 +366,7 @@ class Lab:
             client = self.client(10)
             out["endpoints"] = client.endpoints()
             out["policy"] = client.policy()
+            agent_status = client.status()
+            out["hubble_server"] = self.hubble_server
+            out["metrics"] = agent_status.get("metrics", {})
         return out

@@ -23,11 +23,13 @@ from cilium_py.datapath.monitor import EventReader, MonitorEvent
 
 
 class EventCollector:
-    """Every event the datapath emits, decoded, in order; `take()` returns and forgets them."""
+    """Every event the datapath emits, decoded and raw, in order; `take()` returns and
+    forgets them."""
 
     def __init__(self, datapath):
         self.events: list[MonitorEvent] = []
-        self.reader = EventReader(datapath, self.events.append)
+        self.records: list[bytes] = []
+        self.reader = EventReader(datapath, self.events.append, on_batch=self.records.extend)
 
     def drain(self) -> list[MonitorEvent]:
         # The programs submit synchronously inside BPF_PROG_TEST_RUN: a non-blocking poll
@@ -38,6 +40,11 @@ class EventCollector:
     def take(self) -> list[MonitorEvent]:
         taken = list(self.events)
         self.events.clear()
+        return taken
+
+    def take_records(self) -> list[bytes]:
+        taken = list(self.records)
+        self.records.clear()
         return taken
 
 
@@ -73,6 +80,7 @@ class Outcome:
     retval: int
     data: bytes
     events: list[MonitorEvent] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)  # the same events, as the buffer held them
 
     def of_type(self, kind: str) -> list[MonitorEvent]:
         return [e for e in self.events if e.type == kind]
@@ -108,7 +116,7 @@ class Harness:
         result = testrun.run(self.datapath.fd(program), frame)
         events = self.collector.drain()
         assert self.collector.reader.decode_errors == before, "an event failed to decode"
-        return Outcome(result.retval, result.data, events)
+        return Outcome(result.retval, result.data, events, self.collector.take_records())
 
 
 @pytest.fixture
@@ -130,6 +138,7 @@ def clean_datapath(datapath, maps, event_collector):
     """Every test starts from empty maps and no pending events, whatever ran before it."""
     maps.clear()
     event_collector.drain()
+    event_collector.take_records()
     yield
 
 

@@ -84,6 +84,14 @@ class PolicyRepository:
         with self._lock:
             return self._cookie_of(key)
 
+    def cookie_key(self, cookie: int):
+        """The (kind, namespace, name) key a cookie was given to, None when unknown."""
+        with self._lock:
+            for key, value in self._cookies.items():
+                if value == cookie:
+                    return key
+            return None
+
     def cookie_name(self, cookie: int) -> str:
         with self._lock:
             return self._names.get(cookie, "")
