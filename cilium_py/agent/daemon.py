@@ -23,6 +23,7 @@ from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
 from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
+from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.sources.manifests import ManifestsSource
 from cilium_py.agent.store import Store
@@ -30,7 +31,8 @@ from cilium_py.datapath import attach, loader, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.endpoints import ENDPOINT_F_HOST, EndpointMap
 from cilium_py.datapath.maps.ipcache import IPCacheMap
-from cilium_py.datapath.monitor import EventReader, decode, EventDecodeError
+from cilium_py.datapath.monitor import EventDecodeError, EventReader, decode
+from cilium_py.hubble.metrics import HubbleMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class Agent:
         self.hubble: Hubble | None = None
         self.metrics = None
         self._metrics_servers = []
+        self.metrics_addresses: dict[str, str] = {}
 
     def start(self) -> None:
         cfg = self.config
@@ -143,10 +146,38 @@ class Agent:
         self.source.start()
 
     def _start_observability(self) -> None:
+        """Prometheus metrics and Hubble. The agent's policy-verdict counter and the Hubble
+        flow metrics are fed by parsed flows, so they count only while Hubble is enabled."""
         cfg = self.config
+        observers = []
+        if cfg.prometheus_address:
+            self.metrics = AgentMetrics(
+                cfg.datapath.pin_dir,
+                endpoint_count_fn=lambda: len(self.control.endpoints) if self.control else 0,
+                lost_fn=self._lost_counts)
+            observers.append(self.metrics.observe_flow)
+            self._serve_metrics("agent", cfg.prometheus_address, self.metrics.registry)
+        if cfg.hubble.metrics:
+            flow_metrics = HubbleMetrics(cfg.hubble.metrics)
+            observers.append(flow_metrics.process)
+            self._serve_metrics("hubble", cfg.hubble.metrics_address, flow_metrics.registry)
         if cfg.hubble.enabled:
-            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir, self.control)
+            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir, self.control,
+                                 flow_observers=observers)
             self.hubble.start()
+
+    def _serve_metrics(self, name: str, address: str, registry) -> None:
+        try:
+            server = serve(address, registry)
+        except (OSError, ValueError) as e:
+            raise AgentError(f"cannot serve {name} metrics on {address}: {e}") from None
+        self._metrics_servers.append(server)
+        self.metrics_addresses[name] = f"{server.host}:{server.port}"
+
+    def _lost_counts(self) -> dict[str, int]:
+        """Losses besides the datapath's own counter: perf-reported and unparsable records."""
+        return {"perf": self.reader.perf_lost if self.reader else 0,
+                "parse": self.hubble.parser.errors if self.hubble else 0}
 
     def _on_events(self, records: list[bytes]) -> None:
         """Every batch the datapath produced: to Hubble, and to `ciliumpy monitor` clients
@@ -202,6 +233,7 @@ class Agent:
                        "realized": control.realized_revision() if control else 0},
             "map_pressure": pressure,
             "hubble": self.hubble.status() if self.hubble else {"enabled": False},
+            "metrics": dict(self.metrics_addresses),
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
 
