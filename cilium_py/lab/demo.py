@@ -4,7 +4,8 @@
 policies: default deny in `shop`, DNS allowed, frontend -> backend on one port, a
 CiliumNetworkPolicy whose ingressDeny beats its allow, same-namespace traffic in `other`,
 and a clusterwide egress deny with an except CIDR. Then every pod tries every port (and
-the world outside the node), and the matrix shows what got through. The lab is removed at
+the world outside the node), the matrix shows what got through, and `hubble observe`
+shows the denied connections with their drop reasons and policies. The lab is removed at
 the end, also on failure or Ctrl-C. (`python -m cilium_py.lab.datapath_demo` is the
 datapath-only demo without the control plane.)
 """
@@ -62,6 +63,16 @@ def main() -> None:
         say("reachability (rows: from, columns: to; ok = connected, -- = denied)")
         matrix = measure(sources, targets)
         print(render(matrix, list(sources), targets))
+
+        say("hubble observe --type drop --print-policy-names   (the denied connections above)")
+        # Every denied probe of the matrix, with its drop reason and the policy that denied
+        # it (a default deny has no policy to name: nothing allowed the connection).
+        observe = [sys.executable, "-m", "cilium_py.cli.hubble", "observe", "--server",
+                   lab.hubble_server, "--print-policy-names"]
+        subprocess.run(observe + ["--type", "drop", "--last", "12"], check=False)
+        say("hubble observe --type policy-verdict --verdict FORWARDED --last 5 --print-policy-names")
+        subprocess.run(observe + ["--type", "policy-verdict", "--verdict", "FORWARDED", "--last", "5"],
+                       check=False)
 
         say("ciliumpy endpoint list")
         cli = [sys.executable, "-m", "cilium_py.cli.main"]
