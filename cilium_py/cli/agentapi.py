@@ -57,6 +57,16 @@ def status(node, run_dir, output):
     click.echo(f"Policy revision:    {s['policy']['revision']} (realized {s['policy']['realized']})")
     pressure = ", ".join(f"{k} {v:.1%}" for k, v in s["map_pressure"].items())
     click.echo(f"Map pressure:       {pressure}")
+    hubble = s.get("hubble", {})
+    if hubble.get("enabled"):
+        where = hubble["socket"] + (f", tcp {hubble['listen_address']}" if hubble["listen_address"] else "")
+        lost = sum(hubble["lost"].values())
+        click.echo(f"Hubble:             Ok   Current/Max Flows: {hubble['flows']}/{hubble['max_flows']}, "
+                   f"seen {hubble['seen_flows']}, {lost} lost; {where}")
+    else:
+        click.echo("Hubble:             Disabled")
+    for name, address in sorted(s.get("metrics", {}).items()):
+        click.echo(f"Metrics ({name}):" + " " * max(1, 10 - len(name)) + f"http://{address}/metrics")
     for err in store_errors:
         click.echo(f"  rejected: {err['source']}: {err['object']}: {err['field']}: {err['message']}")
 

@@ -100,8 +100,7 @@ def traffic(e2e):
                            "z/b->x/b tcp": False, "y/a->x/b icmp": False, "y/a->z/a icmp": True}
         yield e2e, since
     finally:
-        path.unlink()
-        e2e.lab.wait_realized()
+        e2e.lab.delete(path)
 
 
 def test_observe_shows_allowed_and_denied_flows_with_reasons_and_policies(traffic):
@@ -246,8 +245,7 @@ def test_metrics_count_the_traffic(e2e):
         assert 'ciliumpy_bpf_map_pressure{map_name="ciliumpy_ct4_global"}' in agent
         assert agent['ciliumpy_events_lost_total{source="datapath"}'] == 0
     finally:
-        path.unlink()
-        e2e.lab.wait_realized()
+        e2e.lab.delete(path)
 
 
 @pytest.mark.parametrize("args,message", [
