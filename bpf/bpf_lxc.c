@@ -20,6 +20,7 @@
 #include "lib/events.h"
 #include "lib/conntrack.h"
 #include "lib/policy.h"
+#include "lib/lb.h"
 
 /* Enough linear bytes for Ethernet + IPv4 with options + an ICMP error's quoted headers. */
 #define LXC_PULL_LEN 160

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from cilium_py import defaults
 
 EVENT_BACKENDS = ("ringbuf", "perf")
+LB_ALGORITHMS = {"random": 1, "maglev": 2}
+# Prime table sizes Cilium allows for Maglev (reference §7).
+MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
 AGGREGATION_LEVELS = {"none": 0, "medium": 2}
 
 
@@ -23,6 +26,9 @@ class DatapathConfig:
     ct_timeout_any: int = defaults.CT_TIMEOUT_REGULAR_ANY
     events: str = "ringbuf"
     monitor_aggregation: str = defaults.MONITOR_AGGREGATION
+    lb_algorithm: str = "random"            # --bpf-lb-algorithm, the default per service
+    maglev_table_size: int = 16381          # --bpf-lb-maglev-table-size
+    lb_map_max: int = 65536                 # --bpf-lb-map-max: services, backends, rev-NAT
 
     def __post_init__(self):
         if self.events not in EVENT_BACKENDS:
@@ -30,6 +36,12 @@ class DatapathConfig:
         if self.monitor_aggregation not in AGGREGATION_LEVELS:
             raise ValueError(f"monitor aggregation must be one of {', '.join(AGGREGATION_LEVELS)}, "
                              f"not {self.monitor_aggregation!r}")
+        if self.lb_algorithm not in LB_ALGORITHMS:
+            raise ValueError(f"load-balancing algorithm must be one of {', '.join(LB_ALGORITHMS)}, "
+                             f"not {self.lb_algorithm!r}")
+        if self.maglev_table_size not in MAGLEV_TABLE_SIZES:
+            raise ValueError(f"Maglev table size {self.maglev_table_size} is not one of the primes "
+                             f"{', '.join(map(str, MAGLEV_TABLE_SIZES))}")
         if not self.node or "/" in self.node:
             raise ValueError(f"node name {self.node!r} must be non-empty and contain no '/'")
 
@@ -52,6 +64,11 @@ class DatapathConfig:
             f"-DCT_TIMEOUT_ANY={self.ct_timeout_any}",
             f"-DMONITOR_AGGREGATION={AGGREGATION_LEVELS[self.monitor_aggregation]}",
             f"-DEVENTS_RINGBUF_PAGES={defaults.EVENTS_RINGBUF_PAGES}",
+            f"-DLB_ALGORITHM={LB_ALGORITHMS[self.lb_algorithm]}",
+            f"-DLB_MAGLEV_LUT_SIZE={self.maglev_table_size}",
+            f"-DLB_SERVICE_MAP_SIZE={self.lb_map_max}",
+            f"-DLB_BACKEND_MAP_SIZE={self.lb_map_max}",
+            f"-DLB_REVNAT_MAP_SIZE={self.lb_map_max}",
         ]
         if self.events == "perf":
             flags.append("-DEVENTS_PERF")

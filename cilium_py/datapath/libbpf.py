@@ -79,6 +79,9 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_batch": ([c_int, vp, u32p, vp], c_int),
         "bpf_obj_get_info_by_fd": ([c_int, vp, u32p], c_int),
         "bpf_prog_test_run_opts": ([c_int, ctypes.POINTER(BpfTestRunOpts)], c_int),
+        "bpf_map_create": ([c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                            ctypes.c_uint32, vp], c_int),
+        "bpf_map_get_fd_by_id": ([ctypes.c_uint32], c_int),
     }
     for fname, (args, res) in signatures.items():
         fn = getattr(lib, fname)
@@ -101,6 +104,16 @@ def obj_get(path: str) -> int:
 
 def obj_pin(fd: int, path: str) -> None:
     _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin at {path}")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new unpinned map; returns its fd (used for the inner maps of map-in-map)."""
+    return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size,
+                                        max_entries, None), f"create map {name}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
 
 
 def map_info(fd: int) -> BpfMapInfo:
@@ -140,6 +153,13 @@ def map_next_key(fd: int, key, next_key) -> bool:
     return True
 
 
+def _copy(ctype, item):
+    # Arrays of simple ctypes (c_uint32 * n) index to plain ints, arrays of structs to views.
+    if isinstance(item, (int, float, bytes)):
+        return ctype(item)
+    return ctype.from_buffer_copy(item)
+
+
 def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
     """Yields (key, value) pairs in batches. Raises OSError(EINVAL/ENOTSUPP) for map types
     without batch support, so callers can fall back to key iteration."""
@@ -161,7 +181,7 @@ def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
         if ret < 0 and not done:
             _check(ret, "map batch lookup")
         for i in range(count.value):
-            yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
+            yield _copy(key_type, keys[i]), _copy(value_type, values[i])
         if done:
             return
         ctypes.memmove(in_batch, out_batch, token_size)

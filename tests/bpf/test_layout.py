@@ -21,6 +21,16 @@ from cilium_py.datapath.maps.conntrack import CtEntry, CtTuple4
 from cilium_py.datapath.maps.endpoints import EndpointInfo, EndpointKey
 from cilium_py.datapath.maps.events import EventHeader, EventRecord
 from cilium_py.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
+from cilium_py.datapath.maps.lb import (
+    Lb4Backend,
+    Lb4Key,
+    Lb4ReverseNat,
+    Lb4ReverseSk,
+    Lb4ReverseSkKey,
+    Lb4Service,
+    LbAffinityKey,
+    LbAffinityVal,
+)
 from cilium_py.datapath.maps.metrics import MetricsKey, MetricsValue
 from cilium_py.datapath.maps.policy import PolicyEntry, PolicyKey
 from cilium_py.datapath.maps.prefilter import Prefilter4Key
@@ -43,6 +53,14 @@ CASES = [
     ("ciliumpy_metrics", "Key", MetricsKey),
     ("ciliumpy_metrics", "Leaf", MetricsValue),
     ("ciliumpy_prefilter4", "Key", Prefilter4Key),
+    ("ciliumpy_lb4_services", "Key", Lb4Key),
+    ("ciliumpy_lb4_services", "Leaf", Lb4Service),
+    ("ciliumpy_lb4_backends", "Leaf", Lb4Backend),
+    ("ciliumpy_lb4_reverse_nat", "Leaf", Lb4ReverseNat),
+    ("ciliumpy_lb4_affinity", "Key", LbAffinityKey),
+    ("ciliumpy_lb4_affinity", "Leaf", LbAffinityVal),
+    ("ciliumpy_lb4_reverse_sk", "Key", Lb4ReverseSkKey),
+    ("ciliumpy_lb4_reverse_sk", "Leaf", Lb4ReverseSk),
     # The ring buffer has no key/leaf types; the per-CPU scratch an event is built in holds
     # exactly one struct event.
     ("ciliumpy_event_buf", "Leaf", EventRecord),
@@ -53,6 +71,8 @@ CASES = [
 # `ip6_rest` (the 12 bytes ip6 has beyond ip4) in the mirror, so `ip4` keeps its byte order.
 # Each entry: C field -> the mirror fields that together cover exactly its bytes.
 SPLIT_UNION_FIELDS = {
+    # union { backend_id; affinity_timeout; }: one u32 named after its slot meaning.
+    Lb4Service: {"affinity_timeout": ("backend_id",)},
     EndpointKey: {"ip6": ("ip4", "ip6_rest")},
     IpcacheKey: {"ip6": ("ip4", "ip6_rest")},
 }
