@@ -22,14 +22,19 @@ from cilium_py.datapath.config import DatapathConfig
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-ENTRY_FILES = ("bpf_lxc.c", "bpf_xdp.c")
+ENTRY_FILES = ("bpf_lxc.c", "bpf_xdp.c", "bpf_host.c", "bpf_sock.c")
 BPFFS_MAGIC = 0xCAFE4A11
 
-# program name -> BCC program type name
+# program name -> (BCC program type name, expected attach type or -1). cgroup socket
+# programs must name their hook (BPF_CGROUP_INET4_CONNECT...) when they are loaded.
 PROGRAMS = {
-    "cil_from_container": "SCHED_CLS",
-    "cil_to_container": "SCHED_CLS",
-    "cil_xdp_entry": "XDP",
+    # bpf_lxc.c
+    "cil_from_container": ("SCHED_CLS", -1),
+    "cil_to_container": ("SCHED_CLS", -1),
+    # bpf_xdp.c
+    "cil_xdp_entry": ("XDP", -1),
+    # bpf_host.c
+    # bpf_sock.c
 }
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -125,9 +130,10 @@ def load(config: DatapathConfig, pin_programs: bool = True) -> LoadedDatapath:
     except Exception as e:
         raise DatapathError(f"compiling {', '.join(ENTRY_FILES)} failed: {e}") from e
     loaded = LoadedDatapath(config=config, bpf=bpf)
-    for name, kind in PROGRAMS.items():
+    for name, (kind, attach_type) in PROGRAMS.items():
         try:
-            loaded.prog_fds[name] = bpf.load_func(name.encode(), getattr(bcc.BPF, kind)).fd
+            loaded.prog_fds[name] = bpf.load_func(name.encode(), getattr(bcc.BPF, kind),
+                                                  attach_type=attach_type).fd
         except Exception as e:
             raise DatapathError(f"the kernel rejected {name}: {e}") from e
     loaded.compile_seconds = time.monotonic() - started
