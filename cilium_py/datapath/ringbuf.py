@@ -10,15 +10,21 @@ length with a busy bit (still being written) and a discard bit, and a page offse
 
 x86 assumption: loads are not reordered with other loads and stores are not reordered
 with older loads, so plain reads of the producer position and record header and a plain
-store of the consumer position give the acquire/release pairing the kernel expects.
+store of the consumer position give the acquire/release pairing the kernel expects. The
+positions are read and written through ctypes u64 views, one aligned 8-byte access each:
+struct.pack_into writes byte-wise, and a kernel reading a half-written consumer position
+sees the ring as full and drops events.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import select
 import struct
+
+import numpy as np
 
 from cilium_py.datapath import libbpf
 
@@ -28,7 +34,6 @@ HEADER_SIZE = 8
 PAGE_SIZE = mmap.PAGESIZE
 BPF_MAP_TYPE_RINGBUF = 27
 
-_u64 = struct.Struct("<Q")
 _u32 = struct.Struct("<I")
 
 
@@ -57,6 +62,9 @@ class RingBufferConsumer:
         self._producer = mmap.mmap(self._fd, PAGE_SIZE + 2 * self.size, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=PAGE_SIZE)
         self._data = memoryview(self._producer)[PAGE_SIZE:]
+        self._consumer_pos = ctypes.c_uint64.from_buffer(self._consumer)
+        # The producer page is mapped read-only, which ctypes cannot view; numpy can.
+        self._producer_pos = np.frombuffer(self._producer, dtype=np.uint64, count=1)
         self._epoll = select.epoll()
         self._epoll.register(self._fd, select.EPOLLIN)
         self.records = 0
@@ -68,12 +76,12 @@ class RingBufferConsumer:
         return bool(self._epoll.poll(timeout_ms / 1000.0 if timeout_ms >= 0 else -1))
 
     def pending(self) -> bool:
-        return _u64.unpack_from(self._producer, 0)[0] != _u64.unpack_from(self._consumer, 0)[0]
+        return int(self._producer_pos[0]) != self._consumer_pos.value
 
     def read(self, limit: int = 0) -> list[bytes]:
         """Committed records, oldest first; at most `limit` when it is non-zero."""
-        consumer = _u64.unpack_from(self._consumer, 0)[0]
-        producer = _u64.unpack_from(self._producer, 0)[0]
+        consumer = self._consumer_pos.value
+        producer = int(self._producer_pos[0])
         data, mask = self._data, self._mask
         out = []
         append = out.append
@@ -89,7 +97,7 @@ class RingBufferConsumer:
             consumer += (length + HEADER_SIZE + 7) & ~7
             if limit and len(out) >= limit:
                 break
-        _u64.pack_into(self._consumer, 0, consumer)
+        self._consumer_pos.value = consumer
         self.records += len(out)
         return out
 
@@ -97,6 +105,8 @@ class RingBufferConsumer:
         if self._fd < 0:
             return
         self._epoll.close()
+        # Views first: an mmap with live exports refuses to close.
+        del self._consumer_pos, self._producer_pos
         self._data.release()
         self._producer.close()
         self._consumer.close()

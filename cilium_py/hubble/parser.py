@@ -25,6 +25,8 @@ from cilium_py.datapath.maps.events import (
     PV_MATCH_SHIFT,
     EventRecord,
 )
+from google.protobuf.timestamp_pb2 import Timestamp as _Timestamp
+
 from cilium_py.hubble.api.flow import flow_pb2 as F
 
 # The fixed part of struct event, in the C field order; the captured packet follows.
@@ -45,6 +47,17 @@ RESERVED_LABELS = {1: "reserved:host", 2: "reserved:world", 3: "reserved:unmanag
                    4: "reserved:health", 5: "reserved:init", 6: "reserved:remote-node",
                    7: "reserved:kube-apiserver"}
 IDENTITY_WORLD = 2
+
+
+def _tcp_flags(bits: int) -> F.TCPFlags:
+    return F.TCPFlags(FIN=bool(bits & 1), SYN=bool(bits & 2), RST=bool(bits & 4),
+                      PSH=bool(bits & 8), ACK=bool(bits & 16), URG=bool(bits & 32),
+                      ECE=bool(bits & 64), CWR=bool(bits & 128), NS=bool(bits & 256))
+
+
+# Every combination of the flags byte plus NS, built once: copying one message is cheaper
+# than nine field assignments per packet.
+_TCP_FLAGS = [_tcp_flags(bits) for bits in range(512)]
 
 
 class ParseError(ValueError):
@@ -182,6 +195,10 @@ class Parser:
 
     def parse(self, raw: bytes, now_ns: int | None = None) -> F.Flow:
         """One record to a Flow; raises ParseError for records that are not events."""
+        self._check_generation()
+        return self._parse(raw, now_ns)
+
+    def _parse(self, raw: bytes, now_ns: int | None = None) -> F.Flow:
         if len(raw) < PACKET_OFFSET:
             raise ParseError(f"event record of {len(raw)} bytes, need at least {PACKET_OFFSET}")
         (kind, subtype, source, _hash, len_orig, len_cap, _version, src_label, dst_label, _dst_id,
@@ -189,13 +206,13 @@ class Parser:
          cookie) = _HEAD.unpack_from(raw)
         if kind not in (EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT):
             raise ParseError(f"unknown event type {kind}")
-        self._check_generation()
 
-        flow = F.Flow(Type=F.L3_L4, node_name=self.node_name, uuid=self.uuids.next())
-        ts = time.time_ns() if now_ns is None else now_ns
-        flow.time.seconds, flow.time.nanos = divmod(ts, 1_000_000_000)
-        flow.event_type.type = kind
-        flow.interface.index = ifindex
+        seconds, nanos = divmod(time.time_ns() if now_ns is None else now_ns, 1_000_000_000)
+        flow = F.Flow(Type=F.L3_L4, node_name=self.node_name, uuid=self.uuids.next(),
+                      time=_Timestamp(seconds=seconds, nanos=nanos),
+                      event_type=F.CiliumEventType(
+                          type=kind, sub_type=0 if kind == EVENT_POLICY_VERDICT else subtype),
+                      interface=F.NetworkInterface(index=ifindex))
 
         pkt = raw[PACKET_OFFSET:PACKET_OFFSET + min(len_cap, len(raw) - PACKET_OFFSET)]
         tuple_ = self._layer34(flow, pkt)
@@ -205,7 +222,6 @@ class Parser:
             flow.verdict = F.DROPPED
             flow.drop_reason = subtype
             flow.drop_reason_desc = subtype
-            flow.event_type.sub_type = subtype
             direction = F.INGRESS if reason == DIR_INGRESS else (
                 F.EGRESS if reason == DIR_EGRESS else F.TRAFFIC_DIRECTION_UNKNOWN)
             flow.traffic_direction = direction
@@ -215,7 +231,6 @@ class Parser:
                 self._add_policy(flow, direction, denied[1], allowed=False)
         elif kind == EVENT_TRACE:
             flow.verdict = F.FORWARDED
-            flow.event_type.sub_type = subtype
             flow.trace_observation_point = OBSERVATION_POINTS.get(subtype, F.UNKNOWN_POINT)
             flow.trace_reason = reason + 1
             is_reply = reason == CT_REPLY
@@ -282,12 +297,7 @@ class Parser:
             sport, dport = struct.unpack_from("!HH", pkt, l4)
             tcp = flow.l4.TCP
             tcp.source_port, tcp.destination_port = sport, dport
-            bits = pkt[l4 + 13]
-            f = tcp.flags
-            f.FIN, f.SYN, f.RST, f.PSH = bool(bits & 1), bool(bits & 2), bool(bits & 4), bool(bits & 8)
-            f.ACK, f.URG, f.ECE, f.CWR = (bool(bits & 16), bool(bits & 32), bool(bits & 64),
-                                          bool(bits & 128))
-            f.NS = bool(pkt[l4 + 12] & 1)
+            tcp.flags.CopyFrom(_TCP_FLAGS[pkt[l4 + 13] | (pkt[l4 + 12] & 1) << 8])
         elif proto == 17 and len(pkt) >= l4 + 4:
             sport, dport = struct.unpack_from("!HH", pkt, l4)
             udp = flow.l4.UDP
@@ -306,7 +316,8 @@ class Parser:
     def parse_batch(self, records: list[bytes]) -> list[F.Flow]:
         """Flows for the records that parse; the others are counted in `errors`."""
         out = []
-        parse = self.parse
+        self._check_generation()  # once per batch: enrichment changes land between batches
+        parse = self._parse
         for raw in records:
             try:
                 out.append(parse(raw))
