@@ -9,7 +9,7 @@ KREL       := $(shell uname -r)
 HDR_BUILD  := /usr/src/linux-headers-6.1.0-56-amd64
 HDR_COMMON := /usr/src/linux-headers-6.1.0-56-common
 APT_PKGS   := python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv \
-              iproute2 iputils-ping iperf3 procps
+              iproute2 iputils-ping iperf3 procps iptables curl
 STAMP      := $(VENV)/.setup-done
 PROTOS     := $(wildcard hubble/proto/*/*.proto)
 PROTO_STAMP := cilium_py/hubble/api/__init__.py
@@ -18,7 +18,7 @@ PROTO_STAMP := cilium_py/hubble/api/__init__.py
 
 setup: $(STAMP) bpffs headers $(PROTO_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
