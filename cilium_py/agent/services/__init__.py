@@ -1,0 +1,1 @@
+"""Services and their load-balancing state: from Service and EndpointSlice objects to the lb maps."""
