@@ -5,6 +5,12 @@
  * at its ingress. A packet that finds its own tuple is ESTABLISHED; one that finds its
  * reversed tuple with the other direction flag is a REPLY; an ICMP error quoting a tracked
  * tuple is RELATED. "tx" counters and flags belong to the creating direction, "rx" to replies.
+ *
+ * Service entries (TUPLE_F_SERVICE | TUPLE_F_OUT) are the per-packet load balancer's memory:
+ * keyed by the tuple a pod sent to a service frontend (destination = VIP:port), they hold the
+ * backend that connection was given and the service's rev-NAT index. The ordinary entry the
+ * translated packet then creates (destination = the backend) carries the same rev-NAT index,
+ * so its replies are rewritten back to the frontend.
  */
 #ifndef CILIUMPY_CONNTRACK_H
 #define CILIUMPY_CONNTRACK_H
@@ -76,7 +82,10 @@ struct ct_entry {
 	__u16 ifindex;
 	__u8 tx_flags_seen;  /* TCP flags seen in the creating direction */
 	__u8 rx_flags_seen;  /* TCP flags seen in the reply direction */
-	__u32 src_sec_id;    /* identity of the source of the creating packet */
+	union {
+		__u32 src_sec_id;  /* identity of the source of the creating packet */
+		__u32 backend_id;  /* service entries: the backend the connection was given */
+	};
 	__u32 last_tx_report;
 	__u32 last_rx_report;
 };
@@ -90,6 +99,7 @@ PINNED_MAP("lru_hash", struct ipv4_ct_tuple, struct ct_entry, ciliumpy_ct_any4_g
 
 struct ct_state {
 	__u32 src_sec_id;
+	__be16 rev_nat_index; /* the service the connection was translated for, 0 if none */
 	__u8 report; /* the packet should be traced under monitor aggregation */
 };
 
@@ -216,6 +226,7 @@ static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_s
 		e = ct4_map_lookup(&t);
 		if (e) {
 			st->src_sec_id = e->src_sec_id;
+			st->rev_nat_index = e->rev_nat_index;
 			st->report = 1;
 			return CT_RELATED;
 		}
@@ -228,6 +239,7 @@ static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_s
 			ct4_map_delete(&t);
 			return CT_NEW;
 		}
+		st->rev_nat_index = e->rev_nat_index;
 		return CT_ESTABLISHED;
 	}
 
@@ -239,14 +251,16 @@ static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_s
 	e = ct4_map_lookup(&t);
 	if (e) {
 		ct4_update(e, p, 0, now, st);
+		st->rev_nat_index = e->rev_nat_index;
 		return CT_REPLY;
 	}
 	return CT_NEW;
 }
 
-/* Records a new connection after policy allowed it. */
-static __always_inline int ct_create4(const struct pkt4 *p, int dir, __u32 src_sec_id,
-				      __u32 ifindex)
+/* Records a new connection after policy allowed it; `rev_nat_index` (host order) names the
+ * service a translated connection was sent to, 0 for none. */
+static __always_inline int ct_create4_nat(const struct pkt4 *p, int dir, __u32 src_sec_id,
+					  __u32 ifindex, __u16 rev_nat_index)
 {
 	struct ipv4_ct_tuple t = {};
 	struct ct_entry e = {};
@@ -264,6 +278,79 @@ static __always_inline int ct_create4(const struct pkt4 *p, int dir, __u32 src_s
 	e.last_tx_report = now;
 	e.src_sec_id = src_sec_id;
 	e.ifindex = ifindex;
+	e.rev_nat_index = htons(rev_nat_index);
+	if (ct4_map_update(&t, &e) < 0)
+		return -DROP_CT_CREATE_FAILED;
+	return 0;
+}
+
+static __always_inline int ct_create4(const struct pkt4 *p, int dir, __u32 src_sec_id,
+				      __u32 ifindex)
+{
+	return ct_create4_nat(p, dir, src_sec_id, ifindex, 0);
+}
+
+/* -- service entries -------------------------------------------------------------------- */
+
+/* Advances a service entry with a packet of its (only) forward direction. The entry never
+ * sees replies, so a FIN or RST from the client closes it for both sides: it then lives
+ * CT_TIMEOUT_CLOSE past the client's last packet. Returns 1 when a new SYN reuses the tuple
+ * of a closed connection: that is a new connection, due a new backend. */
+static __always_inline int ct4_service_update(struct ct_entry *e, const struct pkt4 *p, __u32 now)
+{
+	__u8 f = p->tcp_flags;
+
+	if (p->nexthdr == IPPROTO_TCP) {
+		if ((f & TCP_FLAG_SYN) && !(f & TCP_FLAG_ACK) &&
+		    (e->flags & CT_F_TX_CLOSING) && (e->flags & CT_F_RX_CLOSING))
+			return 1;
+		if (f & (TCP_FLAG_RST | TCP_FLAG_FIN))
+			e->flags |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
+		if (!(f & TCP_FLAG_SYN))
+			e->flags |= CT_F_SEEN_NON_SYN;
+	}
+	e->lifetime = now + ct_lifetime(e, p->nexthdr);
+	__sync_fetch_and_add(&e->tx_packets, 1);
+	__sync_fetch_and_add(&e->tx_bytes, p->len);
+	e->tx_flags_seen |= f;
+	return 0;
+}
+
+/* The backend a pod's connection to a service frontend was given, 0 when it has none yet
+ * (no entry, or a closed connection's tuple reused by a new SYN). `p` is the packet as the
+ * pod sent it, addressed to the frontend. */
+static __always_inline __u32 ct_lookup4_service(const struct pkt4 *p)
+{
+	struct ipv4_ct_tuple t = {};
+	struct ct_entry *e;
+
+	ct4_tuple_of(p, TUPLE_F_OUT | TUPLE_F_SERVICE, &t);
+	e = ct4_map_lookup(&t);
+	if (!e || ct4_service_update(e, p, bpf_mono_now()))
+		return 0;
+	return e->backend_id;
+}
+
+/* Records (or replaces) the backend of a pod's connection to a service frontend. */
+static __always_inline int ct_create4_service(const struct pkt4 *p, __u32 backend_id,
+					      __u16 rev_nat_index)
+{
+	struct ipv4_ct_tuple t = {};
+	struct ct_entry e = {};
+	__u32 now = bpf_mono_now();
+
+	ct4_tuple_of(p, TUPLE_F_OUT | TUPLE_F_SERVICE, &t);
+	if (p->nexthdr == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
+		e.flags |= CT_F_SEEN_NON_SYN;
+	if (p->nexthdr == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)))
+		e.flags |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
+	e.lifetime = now + ct_lifetime(&e, p->nexthdr);
+	e.tx_packets = 1;
+	e.tx_bytes = p->len;
+	e.tx_flags_seen = p->tcp_flags;
+	e.last_tx_report = now;
+	e.backend_id = backend_id;
+	e.rev_nat_index = htons(rev_nat_index);
 	if (ct4_map_update(&t, &e) < 0)
 		return -DROP_CT_CREATE_FAILED;
 	return 0;

@@ -10,9 +10,13 @@
 #define DROP_INVALID 134
 #define DROP_CT_INVALID_HDR 135
 #define DROP_UNKNOWN_L3 139
+#define DROP_WRITE_ERROR 141 /* a packet rewrite (NAT) failed */
 #define DROP_UNKNOWN_TARGET 152 /* no local endpoint owns the destination */
 #define DROP_FRAG_NOSUPPORT 157
+#define DROP_CSUM_L3 153
+#define DROP_CSUM_L4 154
 #define DROP_CT_CREATE_FAILED 155
+#define DROP_NO_SERVICE 158 /* a service frontend without any active backend */
 #define DROP_POLICY_DENY 181 /* an explicit deny entry matched */
 
 #endif /* CILIUMPY_DROP_REASONS_H */

@@ -225,7 +225,7 @@ static __always_inline __u32 lb4_slot_backend(__be32 addr, __be16 dport, __u8 pr
 static __always_inline __u32 lb4_maglev_backend(const struct lb4_service *svc, __u32 hash)
 {
 	__u16 id = svc->rev_nat_index;
-	__u32 zero = 0;
+	__u32 zero = 0, slot;
 	struct lb_maglev_lut *lut;
 	void *inner;
 
@@ -235,7 +235,12 @@ static __always_inline __u32 lb4_maglev_backend(const struct lb4_service *svc, _
 	lut = bpf_map_lookup_elem(inner, &zero);
 	if (!lut)
 		return 0;
-	return lut->backend_ids[hash % LB_MAGLEV_LUT_SIZE];
+	slot = hash % LB_MAGLEV_LUT_SIZE;
+	/* The verifier does not follow the modulo: hide it from clang and bound it again. */
+	asm volatile("" : "+r"(slot));
+	if (slot >= LB_MAGLEV_LUT_SIZE)
+		return 0;
+	return lut->backend_ids[slot];
 }
 
 /* A new backend for a new connection: 0 when the service has no active backend.
@@ -323,6 +328,118 @@ static __always_inline __u32 lb4_pick_backend(__be32 addr, __be16 dport, __u8 pr
 static __always_inline struct lb4_reverse_nat *lb4_lookup_rev_nat(__u16 rev_nat_index)
 {
 	return ciliumpy_lb4_reverse_nat.lookup(&rev_nat_index);
+}
+
+/* ---- East-west frontends (added with the socket hooks and the pods' per-packet LB) ---- */
+#include "maps.h"
+
+/* The scope whose slots hold the backends of a master found by lb4_lookup_service(). */
+static __always_inline __u8 lb4_svc_scope(const struct lb4_service *svc, bool internal)
+{
+	return internal && (svc->flags2 & SVC_F2_TWO_SCOPES) ? LB_SCOPE_INTERNAL : LB_SCOPE_EXTERNAL;
+}
+
+static __always_inline bool lb4_is_node_address(__be32 addr)
+{
+	struct endpoint_info *ep = lookup_ip4_endpoint(addr);
+
+	return ep && (ep->flags & ENDPOINT_F_HOST);
+}
+
+static __always_inline bool lb4_is_loopback(__be32 addr)
+{
+	return (addr & htonl(0xff000000)) == htonl(0x7f000000);
+}
+
+/* The frontend a pod (or a process of the node) reaches at addr:dport, with the internal
+ * scope; NULL when there is none. `*fe_addr` is the address of the frontend found, the one
+ * its backend slots are keyed by.
+ *
+ * An ExternalIPs frontend counts only at one of this node's addresses: a Service must not
+ * capture in-cluster traffic to an address outside (CVE-2020-8554, Cilium's default
+ * mitigation). With `wildcard`, a NodePort or HostPort service is also reached at any node
+ * address or loopback address through its 0.0.0.0:port frontend. */
+static __always_inline struct lb4_service *lb4_lookup_service_ew(__be32 addr, __be16 dport,
+								 __u8 proto, bool wildcard,
+								 __be32 *fe_addr)
+{
+	struct lb4_service *svc = lb4_lookup_service(addr, dport, proto, true);
+
+	*fe_addr = addr;
+	if (svc) {
+		if ((svc->flags & SVC_F_EXTERNAL_IPS) && !lb4_is_node_address(addr))
+			return NULL;
+		return svc;
+	}
+	if (!wildcard || (!lb4_is_loopback(addr) && !lb4_is_node_address(addr)))
+		return NULL;
+	svc = lb4_lookup_service(0, dport, proto, true);
+	if (!svc || !(svc->flags & (SVC_F_NODEPORT | SVC_F_HOSTPORT)))
+		return NULL;
+	*fe_addr = 0;
+	return svc;
+}
+
+/* ---- Node-local backends (externalTrafficPolicy / internalTrafficPolicy Local; added with
+ * the north-south path, bpf/lib/nodeport.h) ---- */
+#ifndef LB_LOCAL_SCAN_MAX
+#define LB_LOCAL_SCAN_MAX 64 /* slots looked at for local backends */
+#endif
+
+static __always_inline bool lb4_backend_is_local(__u32 backend_id)
+{
+	struct lb4_backend *be = backend_id ? lb4_lookup_backend(backend_id) : NULL;
+
+	return be && be->local;
+}
+
+/* A uniformly random node-local backend among slots 1..count (the first LB_LOCAL_SCAN_MAX
+ * of them): reservoir sampling, so a service may list local and remote backends in any
+ * order. 0 when none is local. */
+static __always_inline __u32 lb4_select_local_backend_id(__be32 addr, __be16 dport, __u8 proto,
+							 __u8 scope,
+							 const struct lb4_service *svc)
+{
+	__u32 chosen = 0, seen = 0, id;
+	__u16 slot;
+
+	for (slot = 1; slot <= LB_LOCAL_SCAN_MAX; slot++) {
+		if (slot > svc->count)
+			break;
+		id = lb4_slot_backend(addr, dport, proto, scope, slot);
+		if (!lb4_backend_is_local(id))
+			continue;
+		seen++;
+		if (bpf_get_prandom_u32() % seen == 0)
+			chosen = id;
+	}
+	return chosen;
+}
+
+/* lb4_pick_backend() restricted to node-local backends: an affinity or Maglev choice
+ * stands only when it is local. */
+static __always_inline __u32 lb4_pick_local_backend(__be32 addr, __be16 dport, __u8 proto,
+						    __u8 scope, const struct lb4_service *svc,
+						    __u32 hash, __u64 client_id, bool netns_cookie)
+{
+	__u32 id = 0;
+
+	if (svc->flags & SVC_F_AFFINITY) {
+		id = lb4_affinity_backend(svc, client_id, netns_cookie);
+		if (lb4_backend_is_local(id))
+			return id;
+	}
+	id = 0;
+	if (svc->count && lb4_svc_algorithm(svc) == LB_ALGORITHM_MAGLEV) {
+		id = lb4_maglev_backend(svc, hash);
+		if (!lb4_backend_is_local(id))
+			id = 0;
+	}
+	if (!id)
+		id = lb4_select_local_backend_id(addr, dport, proto, scope, svc);
+	if (id && (svc->flags & SVC_F_AFFINITY))
+		lb4_affinity_update(svc, client_id, netns_cookie, id);
+	return id;
 }
 
 #endif /* CILIUMPY_LB_H */

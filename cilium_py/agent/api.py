@@ -20,6 +20,9 @@ ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^/v1/policy$"), "policy"),
     (re.compile(r"^/v1/policy/wait$"), "policy_wait"),
     (re.compile(r"^/v1/sync$"), "sync"),
+    (re.compile(r"^/v1/services$"), "services"),
+    (re.compile(r"^/v1/services/wait$"), "services_wait"),
+    (re.compile(r"^/v1/services/(?P<id>\d+)$"), "service"),
 ]
 
 
@@ -131,6 +134,35 @@ class APIServer:
         if self.agent.control is None:
             raise APIError(400, "the agent runs without a manifests source")
         return {"revision": self.agent.sync_sources()}
+
+    # -- services (kube-proxy replacement) --------------------------------------------------
+
+    def _service_manager(self):
+        if getattr(self.agent, "services", None) is None:
+            raise APIError(400, "the agent runs without a manifests source: no services")
+        return self.agent.services
+
+    def _services(self, query):
+        manager = self._service_manager()
+        return {"services": manager.service_views(), **manager.problems(),
+                "revision": manager.revision, "realized_revision": manager.realized_revision}
+
+    def _service(self, query, id):
+        view = self._service_manager().service_view(int(id))
+        if view is None:
+            raise APIError(404, f"service {id} not found")
+        return view
+
+    def _services_wait(self, query):
+        """Waits until the services are programmed as of `revision` (default: now)."""
+        manager = self._service_manager()
+        try:
+            revision = int(query.get("revision", "0")) or manager.revision
+            timeout = float(query.get("timeout", "30"))
+        except ValueError as e:
+            raise APIError(400, f"revision and timeout must be numbers: {e}") from None
+        ok = manager.wait_for_revision(revision, timeout)
+        return {"realized": ok, "revision": revision, "realized_revision": manager.realized_revision}
 
     def _policy_wait(self, query):
         try:

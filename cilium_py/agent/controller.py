@@ -111,6 +111,10 @@ class ControlPlane:
         self._by_namespace: dict[str, set[str]] = {}  # namespace -> endpoint keys
         self.rejected: dict[tuple, ValidationError] = {}
         self.source_errors_fn = lambda: []  # the agent points this at its sources' errors
+        # Called with the pod keys whose endpoints a regeneration created, changed or
+        # removed (the service manager derives backends and hostPorts from them).
+        self.endpoint_listeners: list = []
+        self.services = None  # the service manager, when the agent runs one
         self.controllers: dict[str, ControllerStatus] = {}
         self.revision = 1
         # Bumped after every regeneration: readers that cache what endpoints, identities
@@ -276,6 +280,8 @@ class ControlPlane:
                 status.last_error = str(e)
                 log.exception("endpoint %s failed; retrying", key)
                 self._retry_later(key)
+        for listener in self.endpoint_listeners:
+            listener(dirty_pods)
         identities = self.identities.all()
         changed_ids = before ^ set(identities)
         changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]

@@ -25,6 +25,7 @@ from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.services.wiring import kpr_status, start_services
 from cilium_py.agent.sources.manifests import ManifestsSource
 from cilium_py.agent.store import Store
 from cilium_py.datapath import attach, loader, netns
@@ -47,7 +48,7 @@ class AgentError(RuntimeError):
 class AgentConfig:
     datapath: DatapathConfig = field(default_factory=DatapathConfig)
     node_netns: str = ""           # namespace holding the node's devices and endpoint veths
-    devices: tuple[str, ...] = ()  # node devices that get the XDP prefilter
+    devices: tuple[str, ...] = ()  # node devices: XDP prefilter (+ NodePort), tc NodePort
     xdp_mode: str = "native"
     run_dir: str = defaults.RUN_DIR
     gc_interval: float = defaults.CT_GC_INTERVAL
@@ -59,6 +60,14 @@ class AgentConfig:
     lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
     hubble: HubbleConfig = field(default_factory=HubbleConfig)
     prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)
+    # Socket load balancing (bpf_sock.c): the cgroup v2 directory its hooks attach to ("" =
+    # off; never a root cgroup), and whether they are on there (--bpf-lb-sock).
+    cgroup_root: str = ""
+    bpf_lb_sock: bool = True
+    # Services (kube-proxy replacement): nodePorts allocated and accepted in this range;
+    # the Maglev seed every node must share (--node-port-range, --bpf-lb-maglev-hash-seed).
+    node_port_range: tuple[int, int] = (30000, 32767)
+    maglev_hash_seed: str = "JLfvgnHc2kaSUFaI"
 
     @property
     def run_state_dir(self) -> str:
@@ -90,6 +99,7 @@ class Agent:
         self.store = None
         self.source = None
         self.control = None
+        self.services = None
         self.api = APIServer(config.api_socket, self)
         self.hubble: Hubble | None = None
         self.metrics = None
@@ -112,6 +122,7 @@ class Agent:
         finally:
             manager.close()
         self._attach_devices()
+        self._attach_socket_lb()
         self.gc = ConntrackGC(cfg.datapath.pin_dir, cfg.gc_interval)
         self.gc.start()
         self.monitor.start()
@@ -143,6 +154,7 @@ class Agent:
         self.control.source_errors_fn = lambda: self.source.errors
         self.source.sync_once()
         self.control.start()
+        self.services = start_services(cfg, self.store, self.control)
         self.source.start()
 
     def _start_observability(self) -> None:
@@ -234,6 +246,7 @@ class Agent:
             "map_pressure": pressure,
             "hubble": self.hubble.status() if self.hubble else {"enabled": False},
             "metrics": dict(self.metrics_addresses),
+            "kube_proxy_replacement": kpr_status(self.config, self.services),
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
 
@@ -249,6 +262,21 @@ class Agent:
             endpoints.close()
             ipcache.close()
 
+    def _attach_socket_lb(self) -> None:
+        """Socket LB on the cgroup root: the new programs attached before the old ones go
+        (no moment without translation); with --no-bpf-lb-sock, ours are removed there."""
+        cfg = self.config
+        if not cfg.cgroup_root:
+            return
+        names = [n for n in self.loaded.prog_fds if n in attach.SOCK_LB_PROGRAMS]
+        try:
+            if cfg.bpf_lb_sock:
+                attach.attach_cgroup(cfg.cgroup_root, {n: self.loaded.fd(n) for n in names})
+            else:
+                attach.detach_cgroup(cfg.cgroup_root, names)
+        except (attach.CgroupError, OSError) as e:
+            raise AgentError(f"--cgroup-root {cfg.cgroup_root}: {e}") from None
+
     def _attach_devices(self) -> None:
         if not self.config.devices:
             return
@@ -258,6 +286,9 @@ class Agent:
                 if not found:
                     raise AgentError(f"device {dev} not found in namespace {self.config.node_netns}")
                 attach.attach_xdp(ipr, found[0], self.loaded.fd("cil_xdp_entry"), self.config.xdp_mode)
+                # bpf_host.c: NodePort/LoadBalancer for what enters the node, their replies leaving it.
+                for prog, direction in (("cil_from_netdev", attach.INGRESS), ("cil_to_netdev", attach.EGRESS)):
+                    attach.attach_tc(ipr, found[0], self.loaded.fd(prog), direction, prog)
 
     def stop(self) -> None:
         """Stops the agent's threads. Programs stay attached and maps stay pinned."""
@@ -266,6 +297,9 @@ class Agent:
         self.api.stop()
         if self.source:
             self.source.stop()
+        if self.services:
+            self.services.stop()
+            self.services.close()
         if self.control:
             self.control.stop()
             self.control.close()

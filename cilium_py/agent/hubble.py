@@ -50,8 +50,13 @@ class AgentEnricher:
         self._indexed_generation = None
 
     @property
-    def generation(self) -> int:
-        return self.control.generation if self.control is not None else 0
+    def generation(self):
+        """Moves whenever an answer may change: endpoints and policies regenerated, or
+        service frontends changed."""
+        if self.control is None:
+            return 0
+        services = getattr(self.control, "services", None)
+        return (self.control.generation, services.generation if services is not None else 0)
 
     def _index(self) -> None:
         generation = self.generation
@@ -95,7 +100,9 @@ class AgentEnricher:
         return PolicyRef(name=name, namespace=namespace or "", kind=kind)
 
     def service(self, ip: str, port: int, protocol: int):
-        return None  # services arrive with the kube-proxy replacement
+        """(name, namespace) of the Service whose frontend ip:port/protocol is."""
+        services = getattr(self.control, "services", None)
+        return services.frontend_service(ip, port, protocol) if services is not None else None
 
     def close(self) -> None:
         self._ipcache.close()

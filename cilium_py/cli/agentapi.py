@@ -65,9 +65,27 @@ def status(node, run_dir, output):
                    f"seen {hubble['seen_flows']}, {lost} lost; {where}")
     else:
         click.echo("Hubble:             Disabled")
+    _print_kpr(s.get("kube_proxy_replacement"))
     for name, address in sorted(s.get("metrics", {}).items()):
         click.echo(f"Metrics ({name}):" + " " * max(1, 10 - len(name)) + f"http://{address}/metrics")
     for err in store_errors:
+        click.echo(f"  rejected: {err['source']}: {err['object']}: {err['field']}: {err['message']}")
+
+
+def _print_kpr(kpr: dict | None) -> None:
+    """The kube-proxy replacement lines, as `cilium status` words them."""
+    if not kpr:
+        return
+    on_off = {True: "Enabled", False: "Disabled"}
+    details = (f"Socket LB: {on_off[bool(kpr['socket_lb'])]}, NodePort range {kpr['node_port_range']}, "
+               f"Backend Selection: {kpr['algorithm'].capitalize()}, XDP Acceleration: {kpr['acceleration']}")
+    click.echo(f"KubeProxyReplacement: {'True' if kpr.get('enabled') else 'False'}   [{details}]")
+    if not kpr.get("enabled"):
+        return
+    types = ", ".join(kpr.get("service_types_in_use") or []) or "none"
+    click.echo(f"Services:           {kpr['services']} services, {kpr['frontends']} frontends, "
+               f"{kpr['backends']} backends, {kpr['rejected']} rejected (in use: {types})")
+    for err in (kpr.get("problems") or {}).get("rejected", []):
         click.echo(f"  rejected: {err['source']}: {err['object']}: {err['field']}: {err['message']}")
 
 

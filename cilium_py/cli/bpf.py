@@ -11,6 +11,7 @@ from cilium_py.datapath.maps.conntrack import CtAnyMap, CtTcpMap
 from cilium_py.datapath.maps.endpoints import EndpointMap
 from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.datapath.maps.metrics import MetricsMap
+from cilium_py.datapath.maps.nat import NatMap
 from cilium_py.datapath.maps.policy import PolicyMap
 from cilium_py.datapath.maps.prefilter import PrefilterMap
 from cilium_py.datapath.reasons import protocol_name
@@ -97,6 +98,40 @@ def ct_flush(scope, node, bpf_root, output):
         emit(output, [{"deleted": removed}], [])
     else:
         click.echo(f"Flushed {removed} entries from the global conntrack tables")
+
+
+@bpf.group()
+def nat():
+    """NAT of NodePort/LoadBalancer connections through the node's devices."""
+
+
+@nat.command("list")
+@node_options
+@output_option
+def nat_list(node, bpf_root, output):
+    """List NAT mappings (both directions of each translated connection)."""
+    with open_map(NatMap, node, bpf_root) as m:
+        mappings = m.mappings()
+    if output == "json":
+        emit(output, [x.to_dict() for x in mappings], [])
+        return
+    if not mappings:
+        click.echo("No entries found.")
+    for x in mappings:
+        click.echo(x.line())
+
+
+@nat.command("flush")
+@node_options
+@output_option
+def nat_flush(node, bpf_root, output):
+    """Remove every NAT mapping."""
+    with open_map(NatMap, node, bpf_root) as m:
+        removed = m.flush()
+    if output == "json":
+        emit(output, [{"deleted": removed}], [])
+    else:
+        click.echo(f"Flushed {removed} entries from the NAT table")
 
 
 @bpf.group()

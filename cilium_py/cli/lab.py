@@ -67,11 +67,20 @@ def delete(path, timeout, name):
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("target", metavar="NAMESPACE/POD")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD...")
+@click.option("--external", is_flag=True,
+              help="run CMD outside the node (the world namespace on the node's eth0) instead of "
+                   "in a pod; no NAMESPACE/POD then: `lab exec --external -- curl NODE_IP:NODEPORT`")
 @lab_name
-def exec_(target, argv, name):
+def exec_(target, argv, external, name):
     """Run a command inside a pod; its exit code is passed through."""
-    result = _run(_lab(name).exec, target, list(argv))
+    if external:
+        # No pod to name: what click took for the target is the command's first word.
+        result = _run(_lab(name).exec_external, [target, *argv])
+    elif not argv:
+        raise click.UsageError("missing the command: lab exec NAMESPACE/POD -- CMD...")
+    else:
+        result = _run(_lab(name).exec, target, list(argv))
     raise SystemExit(result.returncode)
 
 

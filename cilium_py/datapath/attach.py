@@ -1,6 +1,6 @@
 """Attaching programs to devices with netlink (pyroute2): cls_bpf in direct-action mode on a
 clsact qdisc for tc, and XDP. Every call takes an open IPRoute, so the caller decides which
-network namespace it works in.
+network namespace it works in. The socket hooks go on a cgroup (last section).
 
 Attach calls replace what is there (same parent, priority and handle), so loading a new
 agent swaps programs without a moment where a device has none.
@@ -9,9 +9,13 @@ agent swaps programs without a moment where a device has none.
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from cilium_py.datapath import libbpf
 
 INGRESS = "ingress"
 EGRESS = "egress"
@@ -77,3 +81,149 @@ def xdp_program_id(ipr: IPRoute, ifindex: int) -> int:
     link = ipr.get_links(ifindex)[0]
     xdp = link.get_attr("IFLA_XDP")
     return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
+
+
+# -- cgroup socket hooks (socket load balancing) ------------------------------------------
+#
+# bpf_sock.c's programs go on one cgroup v2 directory (--cgroup-root) with BPF_F_ALLOW_MULTI,
+# so programs others attached there stay untouched. A new agent attaches its programs first
+# and only then detaches the ones it replaces (found by name), so sockets of the cgroup are
+# never without a translation. Removing the cgroup detaches everything on it.
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_INET4_GETPEERNAME = 29
+SOCK_LB_PROGRAMS = {
+    "cil_sock4_connect": BPF_CGROUP_INET4_CONNECT,
+    "cil_sock4_sendmsg": BPF_CGROUP_UDP4_SENDMSG,
+    "cil_sock4_recvmsg": BPF_CGROUP_UDP4_RECVMSG,
+    "cil_sock4_getpeername": BPF_CGROUP_INET4_GETPEERNAME,
+}
+BPF_OBJ_NAME_LEN = 16  # the kernel keeps the first 15 characters of a program's name
+
+
+class CgroupError(ValueError):
+    """A cgroup path the socket hooks must not (or cannot) be attached to."""
+
+
+def _unescape_mount_path(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
+    """Every mount point -> its filesystem type, from mountinfo."""
+    mounts = {}
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right:
+                mounts[_unescape_mount_path(fields[4])] = right.split()[0]
+    return mounts
+
+
+def check_cgroup_root(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The real path of a cgroup v2 directory the socket hooks may attach to. Refuses a
+    path that is not a directory of a cgroup v2 hierarchy and the root of any cgroup v2
+    mount (the machine's root cgroup: every process of the host would be translated)."""
+    if not path:
+        raise CgroupError("no cgroup given")
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise CgroupError(f"cgroup {path} does not exist: create it (mkdir) under a cgroup v2 "
+                          f"mount such as /sys/fs/cgroup/unified first")
+    mounts = cgroup2_mounts(mountinfo)
+    owner = max((m for m in mounts if real == m or real.startswith(m.rstrip("/") + "/")),
+                key=len, default=None)
+    if owner is None or mounts[owner] != "cgroup2":
+        raise CgroupError(f"{path} is not in a cgroup v2 hierarchy (socket load balancing needs "
+                          f"a cgroup v2 directory, e.g. one under /sys/fs/cgroup/unified)")
+    if real == owner:
+        raise CgroupError(f"{path} is the root of the cgroup v2 mount {owner}: socket load "
+                          f"balancing never attaches to a root cgroup; give a child cgroup "
+                          f"(e.g. {owner.rstrip('/')}/ciliumpy) and put the pods' processes in it")
+    return real
+
+
+def _attached(cg_fd: int, attach_type: int) -> list[tuple[int, str]]:
+    """(id, name) of every program attached to the cgroup for one hook."""
+    out = []
+    for prog_id in libbpf.prog_query(cg_fd, attach_type):
+        try:
+            fd = libbpf.prog_fd_by_id(prog_id)
+        except OSError:
+            continue  # detached and freed meanwhile
+        try:
+            out.append((prog_id, libbpf.prog_info(fd).name.decode(errors="replace")))
+        finally:
+            os.close(fd)
+    return out
+
+
+def _detach_id(cg_fd: int, attach_type: int, prog_id: int) -> bool:
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return False
+    try:
+        libbpf.prog_detach(fd, cg_fd, attach_type)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def attach_cgroup(path: str, prog_fds: dict[str, int]) -> None:
+    """Attaches each named program to its hook of the cgroup, replacing an earlier program
+    of the same name (attach the new one, then detach the old)."""
+    real = check_cgroup_root(path)
+    cg_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, fd in prog_fds.items():
+            attach_type = SOCK_LB_PROGRAMS[name]
+            new_id = libbpf.prog_info(fd).id
+            kernel_name = name[: BPF_OBJ_NAME_LEN - 1]
+            present = _attached(cg_fd, attach_type)
+            if new_id not in {pid for pid, _ in present}:
+                libbpf.prog_attach(fd, cg_fd, attach_type, libbpf.BPF_F_ALLOW_MULTI)
+            for prog_id, pname in present:
+                if pname == kernel_name and prog_id != new_id:
+                    _detach_id(cg_fd, attach_type, prog_id)
+    finally:
+        os.close(cg_fd)
+
+
+def detach_cgroup(path: str, names=tuple(SOCK_LB_PROGRAMS)) -> int:
+    """Detaches our socket programs (by name) from the cgroup; returns how many."""
+    real = check_cgroup_root(path)
+    cg_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+    removed = 0
+    try:
+        for name in names:
+            attach_type = SOCK_LB_PROGRAMS[name]
+            for prog_id, pname in _attached(cg_fd, attach_type):
+                if pname == name[: BPF_OBJ_NAME_LEN - 1]:
+                    removed += _detach_id(cg_fd, attach_type, prog_id)
+    finally:
+        os.close(cg_fd)
+    return removed
+
+
+def cgroup_program_names(path: str) -> dict[str, list[str]]:
+    """Hook name -> names of the programs attached there (any cgroup, also a root one:
+    reading is harmless), as `bpftool cgroup show` would list them."""
+    cg_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {hook: [n for _, n in _attached(cg_fd, attach_type)]
+                for hook, attach_type in (("connect4", BPF_CGROUP_INET4_CONNECT),
+                                          ("sendmsg4", BPF_CGROUP_UDP4_SENDMSG),
+                                          ("recvmsg4", BPF_CGROUP_UDP4_RECVMSG),
+                                          ("getpeername4", BPF_CGROUP_INET4_GETPEERNAME))}
+    finally:
+        os.close(cg_fd)

@@ -12,6 +12,8 @@ LB_ALGORITHMS = {"random": 1, "maglev": 2}
 # Prime table sizes Cilium allows for Maglev (reference §7).
 MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
 AGGREGATION_LEVELS = {"none": 0, "medium": 2}
+NO_BACKEND_RESPONSES = ("reject", "drop")  # a frontend without backends: ICMP unreachable, or drop
+LB_ACCELERATIONS = ("disabled", "native")  # native: NodePort in XDP (cil_xdp_entry) as well
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class DatapathConfig:
     lb_algorithm: str = "random"            # --bpf-lb-algorithm, the default per service
     maglev_table_size: int = 16381          # --bpf-lb-maglev-table-size
     lb_map_max: int = 65536                 # --bpf-lb-map-max: services, backends, rev-NAT
+    service_no_backend_response: str = "reject"  # --service-no-backend-response: reject|drop
+    lb_acceleration: str = "disabled"       # --bpf-lb-acceleration: native = NodePort in XDP
 
     def __post_init__(self):
         if self.events not in EVENT_BACKENDS:
@@ -42,6 +46,12 @@ class DatapathConfig:
         if self.maglev_table_size not in MAGLEV_TABLE_SIZES:
             raise ValueError(f"Maglev table size {self.maglev_table_size} is not one of the primes "
                              f"{', '.join(map(str, MAGLEV_TABLE_SIZES))}")
+        if self.service_no_backend_response not in NO_BACKEND_RESPONSES:
+            raise ValueError(f"service-no-backend-response must be one of {', '.join(NO_BACKEND_RESPONSES)}, "
+                             f"not {self.service_no_backend_response!r}")
+        if self.lb_acceleration not in LB_ACCELERATIONS:
+            raise ValueError(f"bpf-lb-acceleration must be one of {', '.join(LB_ACCELERATIONS)}, "
+                             f"not {self.lb_acceleration!r}")
         if not self.node or "/" in self.node:
             raise ValueError(f"node name {self.node!r} must be non-empty and contain no '/'")
 
@@ -69,6 +79,8 @@ class DatapathConfig:
             f"-DLB_SERVICE_MAP_SIZE={self.lb_map_max}",
             f"-DLB_BACKEND_MAP_SIZE={self.lb_map_max}",
             f"-DLB_REVNAT_MAP_SIZE={self.lb_map_max}",
+            f"-DSERVICE_NO_BACKEND_DROP={int(self.service_no_backend_response == 'drop')}",
+            f"-DENABLE_NODEPORT_ACCELERATION={int(self.lb_acceleration == 'native')}",
         ]
         if self.events == "perf":
             flags.append("-DEVENTS_PERF")

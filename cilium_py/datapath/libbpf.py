@@ -77,11 +77,17 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_get_next_key": ([c_int, vp, vp], c_int),
         "bpf_map_lookup_batch": ([c_int, vp, vp, vp, vp, u32p, vp], c_int),
         "bpf_map_delete_batch": ([c_int, vp, u32p, vp], c_int),
+        "bpf_map_update_batch": ([c_int, vp, vp, u32p, vp], c_int),
         "bpf_obj_get_info_by_fd": ([c_int, vp, u32p], c_int),
         "bpf_prog_test_run_opts": ([c_int, ctypes.POINTER(BpfTestRunOpts)], c_int),
         "bpf_map_create": ([c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
                             ctypes.c_uint32, vp], c_int),
         "bpf_map_get_fd_by_id": ([ctypes.c_uint32], c_int),
+        # cgroup attachments (socket load balancing)
+        "bpf_prog_attach": ([c_int, c_int, c_int, ctypes.c_uint], c_int),
+        "bpf_prog_detach2": ([c_int, c_int, c_int], c_int),
+        "bpf_prog_query": ([c_int, c_int, ctypes.c_uint32, u32p, u32p, u32p], c_int),
+        "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], c_int),
     }
     for fname, (args, res) in signatures.items():
         fn = getattr(lib, fname)
@@ -188,6 +194,41 @@ def map_lookup_batch(fd: int, key_type, value_type, batch: int = 4096):
         first = False
 
 
+def map_update_batch(fd: int, keys, values, count: int, elem_flags: int = BPF_ANY) -> int:
+    """Writes `count` entries in one syscall (BPF_MAP_UPDATE_BATCH, kernel 5.6+). `keys`
+    and `values` are buffers of `count` packed keys and values (ctypes arrays, numpy
+    arrays). Elements are written in order. On failure the OSError carries `done`, the
+    number of elements written before the one that failed."""
+    return _batch_op("bpf_map_update_batch", "map batch update", fd, count, elem_flags,
+                     _address(keys), _address(values))
+
+
+def map_delete_batch(fd: int, keys, count: int) -> int:
+    """Deletes `count` keys in one syscall; like map_update_batch, a failure (ENOENT for
+    a missing key) stops at that key and the OSError carries `done`."""
+    return _batch_op("bpf_map_delete_batch", "map batch delete", fd, count, 0, _address(keys))
+
+
+def _address(buf) -> int:
+    if hasattr(buf, "ctypes"):  # numpy
+        return buf.ctypes.data
+    return ctypes.addressof(buf)
+
+
+def _batch_op(fname: str, what: str, fd: int, count: int, elem_flags: int, *buffers) -> int:
+    if count == 0:
+        return 0
+    n = ctypes.c_uint32(count)
+    opts = BpfMapBatchOpts(sz=ctypes.sizeof(BpfMapBatchOpts), elem_flags=elem_flags)
+    ret = getattr(_lib(), fname)(fd, *buffers, ctypes.byref(n), ctypes.byref(opts))
+    if ret < 0:
+        code = -ret if ret != -1 else ctypes.get_errno()
+        err = OSError(code, f"{what} ({n.value} of {count} done): {os.strerror(code)}")
+        err.done = n.value
+        raise err
+    return n.value
+
+
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None,
                   data_out_size: int = 0) -> tuple[int, int, bytes]:
     """Runs a loaded program on one packet: (return value, ns per run, packet out)."""
@@ -207,3 +248,57 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None 
         opts.ctx_size_in = len(ctx)
     _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return opts.retval, opts.duration, data_out.raw[: opts.data_size_out]
+
+
+# -- cgroup attachments ------------------------------------------------------------------
+
+BPF_F_ALLOW_MULTI = 1 << 1
+
+
+class BpfProgInfo(ctypes.Structure):
+    """The leading fields of struct bpf_prog_info; the kernel fills what the size covers."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    _check(_lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach program")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Detaches exactly this program (bpf_prog_detach2), leaving others on the target."""
+    _check(_lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach program")
+
+
+def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> list[int]:
+    """IDs of the programs attached to the target (a cgroup) for one attach type."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    count = ctypes.c_uint32(max_progs)
+    attach_flags = ctypes.c_uint32(0)
+    _check(_lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(attach_flags), ids,
+                                 ctypes.byref(count)), "query attached programs")
+    return list(ids[: count.value])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def prog_info(fd: int) -> BpfProgInfo:
+    info = BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
+    return info

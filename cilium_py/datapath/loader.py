@@ -34,7 +34,14 @@ PROGRAMS = {
     # bpf_xdp.c
     "cil_xdp_entry": ("XDP", -1),
     # bpf_host.c
-    # bpf_sock.c
+    "cil_from_netdev": ("SCHED_CLS", -1),
+    "cil_to_netdev": ("SCHED_CLS", -1),
+    # bpf_sock.c (enum bpf_attach_type: BPF_CGROUP_INET4_CONNECT 10, BPF_CGROUP_UDP4_SENDMSG 14,
+    # BPF_CGROUP_UDP4_RECVMSG 19, BPF_CGROUP_INET4_GETPEERNAME 29)
+    "cil_sock4_connect": ("CGROUP_SOCK_ADDR", 10),
+    "cil_sock4_sendmsg": ("CGROUP_SOCK_ADDR", 14),
+    "cil_sock4_recvmsg": ("CGROUP_SOCK_ADDR", 19),
+    "cil_sock4_getpeername": ("CGROUP_SOCK_ADDR", 29),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')

@@ -13,10 +13,15 @@ DROP_REASONS = {
     135: "CT_TRUNCATED_OR_INVALID_HEADER",
     137: "CT_UNKNOWN_L4_PROTOCOL",
     139: "UNSUPPORTED_L3_PROTOCOL",
+    141: "ERROR_WRITING_TO_PACKET",
     152: "NO_MATCHING_LOCAL_CONTAINER_FOUND",
+    153: "ERROR_WHILE_CORRECTING_L3_CHECKSUM",
+    154: "ERROR_WHILE_CORRECTING_L4_CHECKSUM",
     155: "CT_MAP_INSERTION_FAILED",
     157: "IP_FRAGMENTATION_NOT_SUPPORTED",
     158: "SERVICE_BACKEND_NOT_FOUND",
+    167: "NO_MAPPING_FOR_NAT_MASQUERADE",
+    169: "FIB_LOOKUP_FAILED",
     181: "POLICY_DENY",
 }
 
@@ -30,6 +35,9 @@ DROP_DESCRIPTIONS = {
     152: "No matching local container found",
     155: "CT: Map insertion failed",
     157: "Fragmentation needed",
+    158: "Service backend not found",
+    167: "No mapping for NAT masquerade",
+    169: "FIB lookup failed",
     181: "Policy denied by denylist",
 }
 

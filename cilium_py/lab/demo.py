@@ -5,7 +5,9 @@ policies: default deny in `shop`, DNS allowed, frontend -> backend on one port, 
 CiliumNetworkPolicy whose ingressDeny beats its allow, same-namespace traffic in `other`,
 and a clusterwide egress deny with an except CIDR. Then every pod tries every port (and
 the world outside the node), the matrix shows what got through, and `hubble observe`
-shows the denied connections with their drop reasons and policies. The lab is removed at
+shows the denied connections with their drop reasons and policies; then the Services of
+examples/services: a ClusterIP and a NodePort, connected 30 times each, and how the
+connections spread over their three backends. The lab is removed at
 the end, also on failure or Ctrl-C. (`python -m cilium_py.lab.datapath_demo` is the
 datapath-only demo without the control plane.)
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from cilium_py.lab import services_demo
 from cilium_py.lab.lab import WORLD_PORT, Lab
 from cilium_py.lab.matrix import Target, measure, render
 
@@ -74,9 +77,11 @@ def main() -> None:
         subprocess.run(observe + ["--type", "policy-verdict", "--verdict", "FORWARDED", "--last", "5"],
                        check=False)
 
-        say("ciliumpy endpoint list")
         cli = [sys.executable, "-m", "cilium_py.cli.main"]
         common = ["--node", NAME, "--run-dir", str(lab.paths.run)]
+        services_demo.run(lab, say, cli, common)
+
+        say("ciliumpy endpoint list")
         subprocess.run(cli + ["endpoint", "list"] + common, check=False)
         say("ciliumpy policy get")
         subprocess.run(cli + ["policy", "get"] + common, check=False)

@@ -191,6 +191,10 @@ class Lab:
     def world_ip(self) -> str:
         return str(self._node().addressing.world_ip)
 
+    def node_ip(self) -> str:
+        """The node's address on its uplink: where the outside reaches NodePorts."""
+        return str(self._node().addressing.uplink_ip)
+
     def _start_agent(self, node: LabNode) -> int:
         a = node.addressing
         argv = [sys.executable, "-m", "cilium_py.cli.main", "agent", "--node", self.name,
@@ -199,6 +203,8 @@ class Lab:
                 "--node-ip", str(a.uplink_ip), "--manifests", str(self.paths.manifests),
                 "--pod-cidr", str(a.pod_cidr), "--router-ip", str(a.router_ip),
                 "--state-dir", str(self.paths.state), "--lab",
+                # Socket LB on the lab's own cgroup, the one `lab exec` runs commands in.
+                "--cgroup-root", self.cgroup,
                 # Ephemeral ports: several labs may run at once; `lab status` shows the ports.
                 "--prometheus-serve-addr", "127.0.0.1:0", "--hubble-metrics-server", "127.0.0.1:0",
                 "--hubble-metrics", "drop,tcp,flow,icmp,port-distribution"]
@@ -247,6 +253,12 @@ class Lab:
         if not result["realized"]:
             raise LabError(f"policy revision {revision} not realized within {timeout}s "
                            f"(realized: {result['revision']})")
+        # Services follow the endpoints (their backends are the pods' addresses): asked only
+        # now, their revision covers the endpoints realized above.
+        services = client.get(f"/v1/services/wait?timeout={timeout}", timeout=timeout + 5)
+        if not services["realized"]:
+            raise LabError(f"services revision {services['revision']} not programmed within {timeout}s "
+                           f"(programmed: {services['realized_revision']})")
         return {"revision": revision, "endpoints": len(client.endpoints())}
 
     def down(self) -> list[str]:
@@ -351,6 +363,20 @@ class Lab:
             if os.path.exists(cgroup_procs):
                 with open(cgroup_procs, "w") as f:
                     f.write(str(os.getpid()))
+            from pyroute2 import netns as _netns
+
+            _netns.setns(ns)
+
+        return subprocess.run(argv, preexec_fn=enter, **kwargs)
+
+    def exec_external(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """Runs a command in the namespace outside the node (the world, 10.245.<i>.2 on
+        the node's eth0): a client for NodePorts and LoadBalancer IPs."""
+        ns = self._node().ext_netns
+        if not netns.exists(ns):
+            raise LabError(f"the outside namespace {ns} of lab {self.name} is missing")
+
+        def enter():
             from pyroute2 import netns as _netns
 
             _netns.setns(ns)

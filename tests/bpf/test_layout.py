@@ -32,6 +32,7 @@ from cilium_py.datapath.maps.lb import (
     LbAffinityVal,
 )
 from cilium_py.datapath.maps.metrics import MetricsKey, MetricsValue
+from cilium_py.datapath.maps.nat import NatEntry4
 from cilium_py.datapath.maps.policy import PolicyEntry, PolicyKey
 from cilium_py.datapath.maps.prefilter import Prefilter4Key
 from cilium_py.datapath.monitor import RECORD_SIZE
@@ -61,6 +62,8 @@ CASES = [
     ("ciliumpy_lb4_affinity", "Leaf", LbAffinityVal),
     ("ciliumpy_lb4_reverse_sk", "Key", Lb4ReverseSkKey),
     ("ciliumpy_lb4_reverse_sk", "Leaf", Lb4ReverseSk),
+    ("ciliumpy_snat_v4_external", "Key", CtTuple4),
+    ("ciliumpy_snat_v4_external", "Leaf", NatEntry4),
     # The ring buffer has no key/leaf types; the per-CPU scratch an event is built in holds
     # exactly one struct event.
     ("ciliumpy_event_buf", "Leaf", EventRecord),
@@ -181,9 +184,21 @@ def _variant(base, fields):
 
 
 def test_check_catches_a_renamed_field(compiled_types):
-    fields = [(("src_identity" if n == "src_sec_id" else n), t) for n, t in CtEntry._fields_]
-    problems = layout_problems(compiled_types("ciliumpy_ct4_global", "Leaf"),
-                               _variant(CtEntry, fields))
+    fields = [(("expiry" if n == "lifetime" else n), t) for n, t in CtEntry._fields_]
+    broken = _variant(CtEntry, fields)
+    broken._anonymous_ = CtEntry._anonymous_
+    problems = layout_problems(compiled_types("ciliumpy_ct4_global", "Leaf"), broken)
+    assert any("lifetime" in p for p in problems)
+    assert any("expiry" in p for p in problems)
+
+
+def test_check_catches_a_renamed_union_member(compiled_types):
+    """ct_entry's union (src_sec_id / backend_id) is compared member by member."""
+    union = type("BrokenSource", (ctypes.Union,),
+                 {"_fields_": [("src_identity", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]})
+    fields = [(n, union if n == "u" else t) for n, t in CtEntry._fields_]
+    broken = type("BrokenCtEntry", (ctypes.Structure,), {"_anonymous_": ("u",), "_fields_": fields})
+    problems = layout_problems(compiled_types("ciliumpy_ct4_global", "Leaf"), broken)
     assert any("src_sec_id" in p for p in problems)
     assert any("src_identity" in p for p in problems)
 

@@ -4,10 +4,13 @@ and processes even when a test fails."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -33,6 +36,7 @@ class Lab:
     manager: EndpointManager
     pods: dict[str, EndpointHandle]
     run_dir: str
+    cgroup: str = ""  # where the agent's socket-LB hooks are attached, if anywhere
 
     def set_policy(self, pod: str, rules: list[PolicyRule], *, ingress: bool, egress: bool):
         ep = self.pods[pod]
@@ -87,18 +91,22 @@ class Lab:
                          capture_output=True).returncode == 0
 
 
-@pytest.fixture(scope="session")
-def lab(privileged, unique, tmp_path_factory):
+@contextlib.contextmanager
+def running_lab(unique: str, tmp_path_factory, *, index: int, suffix: str = "",
+                agent_args: tuple[str, ...] = ()):
+    """A lab node, its agent (with `agent_args`) and the three pods with listeners; all of
+    it removed on exit, also after a failure."""
     run_dir = str(tmp_path_factory.mktemp("run"))
-    bpf_root = f"/sys/fs/bpf/ciliumpy-test-{unique}-netns"
-    name = f"t{unique}"
-    node = LabNode(name, index=231)
+    bpf_root = f"/sys/fs/bpf/ciliumpy-test-{unique}-netns{suffix}"
+    name = f"t{unique}{suffix}"
+    node = LabNode(name, index=index)
     config = DatapathConfig(node=name, bpf_root=bpf_root)
     node.create()
     listeners, manager, agent = [], None, None
     try:
         agent = AgentProcess(node=name, bpf_root=bpf_root, run_dir=run_dir, node_netns=node.netns,
-                             devices=("eth0",), node_ips=(str(node.router_ip), str(node.addressing.uplink_ip)))
+                             devices=("eth0",), node_ips=(str(node.router_ip), str(node.addressing.uplink_ip)),
+                             extra_args=agent_args)
         agent.start()
         manager = EndpointManager(config, node.netns, node.router_ip)
         pods = {}
@@ -123,6 +131,44 @@ def lab(privileged, unique, tmp_path_factory):
             manager.close()
         node.destroy()
         shutil.rmtree(bpf_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab(privileged, unique, tmp_path_factory):
+    with running_lab(unique, tmp_path_factory, index=231) as made:
+        yield made
+
+
+CGROUP_PARENT = "/sys/fs/cgroup/unified"
+
+
+@pytest.fixture(scope="session")
+def session_cgroup(privileged, unique):
+    """A cgroup v2 child of this session's own (never the root cgroup), removed afterwards.
+    Whatever runs in it must have exited by then: removing it detaches every program."""
+    path = os.path.join(CGROUP_PARENT, f"ciliumpy-test-{unique}")
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + 10
+        while cgroup_pids(path) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a client still exiting
+        os.rmdir(path)
+
+
+def cgroup_pids(path: str) -> list[int]:
+    with open(os.path.join(path, "cgroup.procs")) as f:
+        return [int(line) for line in f.read().split()]
+
+
+@pytest.fixture(scope="session")
+def sock_lab(privileged, unique, tmp_path_factory, session_cgroup):
+    """A second lab node whose agent attaches the socket-LB hooks to `session_cgroup`."""
+    with running_lab(unique, tmp_path_factory, index=232, suffix="s",
+                     agent_args=("--cgroup-root", session_cgroup)) as made:
+        made.cgroup = session_cgroup
+        yield made
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ mistakes, chosen so that a typo never takes down running workloads or their poli
   with "." are editor scratch files and are skipped.
 
 Stored bodies get the defaults the API server would fill in for the fields we rely on:
-metadata.namespace for namespaced kinds and the protocol of container and service ports.
+metadata.namespace for namespaced kinds, the protocol of container and service ports, and
+a service port's targetPort (its port).
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ def _service_errors(body: dict) -> list[tuple[str, str]]:
             errors.append((f"{ppath}.port", "is required"))
         elif msg := _port_number(port["port"]):
             errors.append((f"{ppath}.port", msg))
+        elif "targetPort" not in port:
+            port["targetPort"] = port["port"]  # the API server's default
         if msg := _protocol(port):
             errors.append((f"{ppath}.protocol", msg))
         if "targetPort" in port:

@@ -1,6 +1,8 @@
 """ciliumpy_ct4_global (TCP) and ciliumpy_ct_any4_global (the rest): connection tracking
 (bpf/lib/conntrack.h). A tuple is stored as its first packet saw it, flagged with the
-direction (OUT at a pod's egress, IN at its ingress) it was created in."""
+direction (OUT at a pod's egress, IN at its ingress) it was created in. Service entries
+(TUPLE_F_SERVICE) are the per-packet load balancer's: the tuple a pod sent to a frontend,
+holding the backend that connection was given instead of a source identity."""
 
 from __future__ import annotations
 
@@ -35,7 +37,13 @@ class CtTuple4(ctypes.Structure):
     ]
 
 
+class _CtEntrySource(ctypes.Union):
+    # Ordinary entries: the source identity; service entries: the backend ID.
+    _fields_ = [("src_sec_id", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]
+
+
 class CtEntry(ctypes.Structure):
+    _anonymous_ = ("u",)
     _fields_ = [
         ("rx_packets", ctypes.c_uint64),
         ("rx_bytes", ctypes.c_uint64),
@@ -47,7 +55,7 @@ class CtEntry(ctypes.Structure):
         ("ifindex", ctypes.c_uint16),
         ("tx_flags_seen", ctypes.c_uint8),
         ("rx_flags_seen", ctypes.c_uint8),
-        ("src_sec_id", ctypes.c_uint32),
+        ("u", _CtEntrySource),
         ("last_tx_report", ctypes.c_uint32),
         ("last_rx_report", ctypes.c_uint32),
     ]
@@ -78,6 +86,8 @@ class Connection:
     src_identity: int
     ifindex: int
     rev_nat_index: int
+    service: bool = False  # a service entry: the tuple a pod sent to a frontend
+    backend_id: int = 0    # service entries: the backend the connection was given
 
     @property
     def flag_names(self) -> list[str]:
@@ -85,8 +95,9 @@ class Connection:
 
     def line(self) -> str:
         """One line like `cilium bpf ct list global`."""
+        service = f" service BackendID={self.backend_id}" if self.service else ""
         return (f"{protocol_name(self.protocol)} {self.direction} {self.saddr}:{self.sport} -> "
-                f"{self.daddr}:{self.dport} expires={self.expires_in} "
+                f"{self.daddr}:{self.dport}{service} expires={self.expires_in} "
                 f"RxPackets={self.rx_packets} RxBytes={self.rx_bytes} "
                 f"RxFlagsSeen={self.rx_flags_seen:#04x} TxPackets={self.tx_packets} "
                 f"TxBytes={self.tx_bytes} TxFlagsSeen={self.tx_flags_seen:#04x} "
@@ -103,6 +114,7 @@ class _CtMap(BpfMap):
         now = monotonic_seconds() if now is None else now
         out = []
         for k, v in self.items():
+            service = bool(k.flags & TUPLE_F_SERVICE)
             out.append(Connection(
                 protocol=k.nexthdr, direction="IN" if k.flags & TUPLE_F_IN else "OUT",
                 saddr=ipaddress.IPv4Address(k.saddr), sport=k.sport,
@@ -110,8 +122,9 @@ class _CtMap(BpfMap):
                 lifetime=v.lifetime, expires_in=v.lifetime - now, flags=v.flags,
                 rx_packets=v.rx_packets, rx_bytes=v.rx_bytes, tx_packets=v.tx_packets,
                 tx_bytes=v.tx_bytes, rx_flags_seen=v.rx_flags_seen,
-                tx_flags_seen=v.tx_flags_seen, src_identity=v.src_sec_id, ifindex=v.ifindex,
-                rev_nat_index=v.rev_nat_index))
+                tx_flags_seen=v.tx_flags_seen, src_identity=0 if service else v.src_sec_id,
+                ifindex=v.ifindex, rev_nat_index=v.rev_nat_index, service=service,
+                backend_id=v.backend_id if service else 0))
         return out
 
     def gc(self, now: int | None = None) -> int:
