@@ -25,22 +25,6 @@
 /* Enough linear bytes for Ethernet + IPv4 with options + TCP. */
 #define HOST_PULL_LEN 128
 
-static __always_inline int host4_parse(struct __sk_buff *ctx, struct pkt4 *p)
-{
-	void *data, *data_end;
-	int ret;
-
-	if (ctx->data_end - ctx->data < HOST_PULL_LEN && ctx->len > ctx->data_end - ctx->data)
-		bpf_skb_pull_data(ctx, ctx->len < HOST_PULL_LEN ? ctx->len : HOST_PULL_LEN);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	ret = ipv4_parse(data, data_end, p);
-	if (ret != 0)
-		return ret;
-	p->len = ctx->len;
-	return l4_parse(data, data_end, p);
-}
-
 /* The one exit of both programs for the packets they translate: `ret` is a tc action, or a
  * negative drop reason. A frontend without backends is answered (unless configured to
  * drop) after the drop is reported with the refused packet. */
@@ -69,7 +53,7 @@ int cil_from_netdev(struct __sk_buff *ctx)
 
 	if (nodeport4_xdp_done(ctx))
 		return CTX_ACT_OK;
-	if (host4_parse(ctx, &p) != 0)
+	if (skb4_parse(ctx, &p, HOST_PULL_LEN) != 0)
 		return CTX_ACT_OK;
 	ret = nodeport4_ingress(ctx, &p, ctx->ifindex, false, &n);
 	if (ret == NP_PASS)
@@ -85,7 +69,7 @@ int cil_to_netdev(struct __sk_buff *ctx)
 	struct pkt4 p = {};
 	int ret;
 
-	if (host4_parse(ctx, &p) != 0)
+	if (skb4_parse(ctx, &p, HOST_PULL_LEN) != 0)
 		return CTX_ACT_OK;
 	ret = nodeport4_egress(&p, &n);
 	if (ret == NP_PASS)

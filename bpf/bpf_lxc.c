@@ -41,22 +41,6 @@ struct lxc_flow {
 	__u8 report;
 };
 
-static __always_inline int lxc4_parse(struct __sk_buff *ctx, struct pkt4 *p)
-{
-	void *data, *data_end;
-	int ret;
-
-	if (ctx->data_end - ctx->data < LXC_PULL_LEN && ctx->len > ctx->data_end - ctx->data)
-		bpf_skb_pull_data(ctx, ctx->len < LXC_PULL_LEN ? ctx->len : LXC_PULL_LEN);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	ret = ipv4_parse(data, data_end, p);
-	if (ret != 0)
-		return ret;
-	p->len = ctx->len;
-	return l4_parse(data, data_end, p);
-}
-
 /* Identities and the peer endpoint are only needed for policy and for events, so a
  * conntrack hit that reports nothing skips the ipcache (LPM) and peer lookups. */
 static __always_inline __u32 lxc4_resolve_peer(const struct pkt4 *p, int dir,
@@ -401,7 +385,7 @@ int cil_from_container(struct __sk_buff *ctx)
 {
 	struct lxc_flow f = {};
 	struct pkt4 p = {};
-	int ret = lxc4_parse(ctx, &p);
+	int ret = skb4_parse(ctx, &p, LXC_PULL_LEN);
 
 	if (ret == 0)
 		ret = lxc4_handle(ctx, &p, CT_EGRESS, &f);
@@ -414,7 +398,7 @@ int cil_to_container(struct __sk_buff *ctx)
 {
 	struct lxc_flow f = {};
 	struct pkt4 p = {};
-	int ret = lxc4_parse(ctx, &p);
+	int ret = skb4_parse(ctx, &p, LXC_PULL_LEN);
 
 	if (ret == 0)
 		ret = lxc4_handle(ctx, &p, CT_INGRESS, &f);

@@ -257,6 +257,25 @@ static __always_inline int ct_lookup4(const struct pkt4 *p, int dir, struct ct_s
 	return CT_NEW;
 }
 
+/* A new entry from the packet that creates it: counters, lifetime and the TCP flags seen.
+ * A first packet without SYN was picked up mid-stream (e.g. after a CT flush); one carrying
+ * any of `closing_flags` is created already closing. */
+static __always_inline void ct4_entry_init(struct ct_entry *e, const struct pkt4 *p,
+					   __u8 closing_flags)
+{
+	__u32 now = bpf_mono_now();
+
+	if (p->nexthdr == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
+		e->flags |= CT_F_SEEN_NON_SYN;
+	if (p->nexthdr == IPPROTO_TCP && (p->tcp_flags & closing_flags))
+		e->flags |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
+	e->lifetime = now + ct_lifetime(e, p->nexthdr);
+	e->tx_packets = 1;
+	e->tx_bytes = p->len;
+	e->tx_flags_seen = p->tcp_flags;
+	e->last_tx_report = now;
+}
+
 /* Records a new connection after policy allowed it; `rev_nat_index` (host order) names the
  * service a translated connection was sent to, 0 for none. */
 static __always_inline int ct_create4_nat(const struct pkt4 *p, int dir, __u32 src_sec_id,
@@ -264,18 +283,9 @@ static __always_inline int ct_create4_nat(const struct pkt4 *p, int dir, __u32 s
 {
 	struct ipv4_ct_tuple t = {};
 	struct ct_entry e = {};
-	__u32 now = bpf_mono_now();
 
 	ct4_tuple_of(p, ct_tuple_dir_flag(dir), &t);
-	if (p->nexthdr == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
-		e.flags |= CT_F_SEEN_NON_SYN; /* picked up mid-stream, e.g. after a CT flush */
-	if (p->nexthdr == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
-		e.flags |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
-	e.lifetime = now + ct_lifetime(&e, p->nexthdr);
-	e.tx_packets = 1;
-	e.tx_bytes = p->len;
-	e.tx_flags_seen = p->tcp_flags;
-	e.last_tx_report = now;
+	ct4_entry_init(&e, p, TCP_FLAG_RST);
 	e.src_sec_id = src_sec_id;
 	e.ifindex = ifindex;
 	e.rev_nat_index = htons(rev_nat_index);
@@ -337,18 +347,10 @@ static __always_inline int ct_create4_service(const struct pkt4 *p, __u32 backen
 {
 	struct ipv4_ct_tuple t = {};
 	struct ct_entry e = {};
-	__u32 now = bpf_mono_now();
 
 	ct4_tuple_of(p, TUPLE_F_OUT | TUPLE_F_SERVICE, &t);
-	if (p->nexthdr == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
-		e.flags |= CT_F_SEEN_NON_SYN;
-	if (p->nexthdr == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)))
-		e.flags |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
-	e.lifetime = now + ct_lifetime(&e, p->nexthdr);
-	e.tx_packets = 1;
-	e.tx_bytes = p->len;
-	e.tx_flags_seen = p->tcp_flags;
-	e.last_tx_report = now;
+	/* A service entry never sees replies: a client FIN closes it as well as a RST. */
+	ct4_entry_init(&e, p, TCP_FLAG_RST | TCP_FLAG_FIN);
 	e.backend_id = backend_id;
 	e.rev_nat_index = htons(rev_nat_index);
 	if (ct4_map_update(&t, &e) < 0)

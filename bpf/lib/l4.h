@@ -109,4 +109,23 @@ static __always_inline int l4_parse(void *data, void *data_end, struct pkt4 *p)
 	return 0;
 }
 
+/* Parses a tc packet after making at least `pull_len` bytes linear (or the whole packet if
+ * shorter): headers split across fragments of the skb are otherwise invisible to direct
+ * packet access. */
+static __always_inline int skb4_parse(struct __sk_buff *ctx, struct pkt4 *p, __u32 pull_len)
+{
+	void *data, *data_end;
+	int ret;
+
+	if (ctx->data_end - ctx->data < pull_len && ctx->len > ctx->data_end - ctx->data)
+		bpf_skb_pull_data(ctx, ctx->len < pull_len ? ctx->len : pull_len);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	ret = ipv4_parse(data, data_end, p);
+	if (ret != 0)
+		return ret;
+	p->len = ctx->len;
+	return l4_parse(data, data_end, p);
+}
+
 #endif /* CILIUMPY_L4_H */

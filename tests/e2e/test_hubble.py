@@ -18,19 +18,11 @@ import pytest
 
 from cilium_py.lab.matrix import Target, probe
 
+from .manifests import cnp, np
+
 pytestmark = pytest.mark.e2e
 
 HUBBLE = os.path.join(os.path.dirname(sys.executable), "hubble")
-
-
-def np(name, ns, spec):
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-
-def cnp(name, ns, spec):
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
 # x accepts TCP 80 and UDP 81 from namespace y only; z is denied x/a explicitly.

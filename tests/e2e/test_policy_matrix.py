@@ -7,22 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from .manifests import ccnp, cnp, np
+
 pytestmark = pytest.mark.e2e
-
-
-def np(name, ns, spec):
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-
-def cnp(name, ns, spec):
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-
-def ccnp(name, spec):
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
-            "metadata": {"name": name}, "spec": spec}
 
 
 def ns_of(pod):
