@@ -69,8 +69,8 @@ def delete(path, timeout, name):
 @click.argument("target", metavar="NAMESPACE/POD")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD...")
 @click.option("--external", is_flag=True,
-              help="run CMD outside the node (the world namespace on the node's eth0) instead of "
-                   "in a pod; no NAMESPACE/POD then: `lab exec --external -- curl NODE_IP:NODEPORT`")
+              help="run CMD outside the node (the world namespace on the other end of the node's "
+                   "eth0), e.g. a client of a NodePort; no NAMESPACE/POD then: lab exec --external -- CMD")
 @lab_name
 def exec_(target, argv, external, name):
     """Run a command inside a pod; its exit code is passed through."""
