@@ -294,12 +294,6 @@ static __always_inline int ct_create4_nat(const struct pkt4 *p, int dir, __u32 s
 	return 0;
 }
 
-static __always_inline int ct_create4(const struct pkt4 *p, int dir, __u32 src_sec_id,
-				      __u32 ifindex)
-{
-	return ct_create4_nat(p, dir, src_sec_id, ifindex, 0);
-}
-
 /* -- service entries -------------------------------------------------------------------- */
 
 /* Advances a service entry with a packet of its (only) forward direction. The entry never

@@ -358,7 +358,7 @@ static __always_inline bool lb4_is_loopback(__be32 addr)
  * An ExternalIPs frontend counts only at one of this node's addresses: a Service must not
  * capture in-cluster traffic to an address outside (CVE-2020-8554, Cilium's default
  * mitigation). With `wildcard`, a NodePort or HostPort service is also reached at any node
- * address or loopback address through its 0.0.0.0:port frontend. */
+ * address through its 0.0.0.0:port frontend, and a NodePort at loopback addresses too. */
 static __always_inline struct lb4_service *lb4_lookup_service_ew(__be32 addr, __be16 dport,
 								 __u8 proto, bool wildcard,
 								 __be32 *fe_addr)
@@ -375,6 +375,10 @@ static __always_inline struct lb4_service *lb4_lookup_service_ew(__be32 addr, __
 		return NULL;
 	svc = lb4_lookup_service(0, dport, proto, true);
 	if (!svc || !(svc->flags & (SVC_F_NODEPORT | SVC_F_HOSTPORT)))
+		return NULL;
+	/* Loopback reaches NodePorts only (as in Cilium): a hostPort there would capture every
+	 * pod's connections to its own localhost port of the same number. */
+	if (lb4_is_loopback(addr) && !(svc->flags & SVC_F_NODEPORT))
 		return NULL;
 	*fe_addr = 0;
 	return svc;

@@ -111,6 +111,9 @@ class Agent:
         if not cfg.node_netns or not netns.exists(cfg.node_netns):
             raise AgentError(f"node namespace {cfg.node_netns!r} does not exist; the agent only "
                              f"attaches programs inside a node namespace it is given")
+        if netns.is_root(cfg.node_netns):
+            raise AgentError(f"node namespace {cfg.node_netns!r} is the machine's root network "
+                             f"namespace; the agent never attaches programs there")
         started = time.monotonic()
         if os.path.exists(cfg.ready_file):
             os.unlink(cfg.ready_file)
@@ -128,7 +131,10 @@ class Agent:
         self.monitor.start()
         if cfg.manifests:
             self._start_control_plane()
-        self._start_observability()
+        try:
+            self._start_observability()
+        except OSError as e:  # a listen address in use: say which, not a traceback
+            raise AgentError(str(e)) from None
         self.reader = EventReader(self.loaded, on_batch=self._on_events)
         if self.hubble is not None:
             self.hubble.set_perf_lost_source(lambda: self.reader.perf_lost)
@@ -194,8 +200,13 @@ class Agent:
     def _on_events(self, records: list[bytes]) -> None:
         """Every batch the datapath produced: to Hubble, and to `ciliumpy monitor` clients
         when there are any (decoding for them is skipped otherwise)."""
+        # Each consumer on its own: a failure in one must not cost the other its batch.
         if self.hubble is not None:
-            self.hubble.on_batch(records)
+            try:
+                self.hubble.on_batch(records)
+            except Exception:  # noqa: BLE001 - counted and logged, the reader goes on
+                self.hubble.consumer_failures += len(records)
+                log.exception("hubble: a batch of %d events failed", len(records))
         if self.monitor.client_count:
             for raw in records:
                 try:

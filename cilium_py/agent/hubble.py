@@ -123,6 +123,7 @@ class Hubble:
             self.server = ObserverServer(self.ring, node_name, unix_socket=config.socket,
                                          tcp_address=config.listen_address)
         self.lost = {"datapath": 0, "parse": 0}
+        self.consumer_failures = 0   # records of batches whose processing raised
         self._datapath_lost_seen: int | None = None
         self._perf_lost_fn = lambda: 0
         self._stop = threading.Event()
@@ -150,7 +151,7 @@ class Hubble:
             self.lost["datapath"] += delta
             events.append(F.LostEvent(source=F.PERF_EVENT_RING_BUFFER, num_events_lost=delta))
             self._datapath_lost_seen = total
-        parse_errors = self.parser.errors
+        parse_errors = self.parser.errors + self.consumer_failures
         if parse_errors > self.lost["parse"]:
             events.append(F.LostEvent(source=F.OBSERVER_EVENTS_QUEUE,
                                       num_events_lost=parse_errors - self.lost["parse"]))

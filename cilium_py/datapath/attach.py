@@ -145,7 +145,28 @@ def check_cgroup_root(path: str, mountinfo: str = "/proc/self/mountinfo") -> str
         raise CgroupError(f"{path} is the root of the cgroup v2 mount {owner}: socket load "
                           f"balancing never attaches to a root cgroup; give a child cgroup "
                           f"(e.g. {owner.rstrip('/')}/ciliumpy) and put the pods' processes in it")
+    # A cgroup holding init or the agent itself (system.slice, user.slice...) would put the
+    # host's own sockets under the service hooks.
+    for who, pid in (("init (PID 1)", 1), ("the agent", os.getpid())):
+        inside = _cgroup2_path_of(pid, owner)
+        if inside is not None and (inside == real or inside.startswith(real.rstrip("/") + "/")):
+            raise CgroupError(f"{path} contains {who}: socket load balancing attaches only to a "
+                              f"cgroup of its own pods (e.g. {owner.rstrip('/')}/ciliumpy)")
     return real
+
+
+def _cgroup2_path_of(pid: int, mount: str) -> str | None:
+    """The directory under `mount` of the cgroup v2 group `pid` is in; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                hierarchy, _, rest = line.rstrip("\n").partition(":")
+                controllers, _, group = rest.partition(":")
+                if hierarchy == "0" and not controllers:
+                    return os.path.join(mount, group.lstrip("/")).rstrip("/") or mount
+    except OSError:
+        pass
+    return None
 
 
 def _attached(cg_fd: int, attach_type: int) -> list[tuple[int, str]]:

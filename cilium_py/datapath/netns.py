@@ -25,6 +25,22 @@ def exists(name: str) -> bool:
     return os.path.exists(path(name))
 
 
+def is_root(name: str) -> bool:
+    """True when the named namespace is the root network namespace under another name (a
+    bind mount of it in /var/run/netns): nothing may attach there. Compared with PID 1's
+    namespace where we may look at it (not inside some containers), and always with the
+    namespace this process was started in, which is the machine's for the agent."""
+    mine = os.stat(path(name))
+    for ref in ("/proc/1/ns/net", f"/proc/{os.getpid()}/ns/net"):
+        try:
+            other = os.stat(ref)
+        except OSError:
+            continue
+        if (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino):
+            return True
+    return False
+
+
 def create(name: str) -> None:
     _netns.create(name)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent import futures
@@ -44,6 +45,19 @@ def _varint(value: int) -> bytes:
 
 def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _socket_answers(path: str) -> bool:
+    """Whether a live server owns the unix socket at `path` (a stale file refuses)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def parse_listen_address(address: str) -> str:
@@ -244,23 +258,36 @@ class ObserverServer:
                                                         started_ns=time.time_ns()))
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams,
                                                               thread_name_prefix="hubble-rpc"),
-                                   maximum_concurrent_rpcs=max_streams)
+                                   maximum_concurrent_rpcs=max_streams,
+                                   # grpc shares ports by default: a second agent on the same
+                                   # address would silently split the clients with the first.
+                                   options=[("grpc.so_reuseport", 0)])
         self._server.add_generic_rpc_handlers((_handler(self.service),))
 
     def start(self) -> None:
+        """Raises OSError naming the address when a socket is taken or cannot be bound."""
         if self.unix_socket:
             os.makedirs(os.path.dirname(self.unix_socket) or ".", exist_ok=True)
             if os.path.exists(self.unix_socket):
-                os.unlink(self.unix_socket)
-            self._server.add_insecure_port("unix://" + os.path.abspath(self.unix_socket))
+                if _socket_answers(self.unix_socket):
+                    raise OSError(f"another Hubble server listens on {self.unix_socket}; give this "
+                                  f"agent its own --hubble-socket-path")
+                os.unlink(self.unix_socket)  # left by an agent that is gone
+            self._bind("unix://" + os.path.abspath(self.unix_socket), self.unix_socket)
         if self.tcp_address:
-            address = parse_listen_address(self.tcp_address)
-            self.tcp_port = self._server.add_insecure_port(address)
-            if not self.tcp_port:
-                raise OSError(f"cannot listen on {self.tcp_address}")
+            self.tcp_port = self._bind(parse_listen_address(self.tcp_address), self.tcp_address)
         self._server.start()
         if self.unix_socket:
             os.chmod(self.unix_socket, 0o660)
+
+    def _bind(self, address: str, shown: str) -> int:
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc's way of saying the bind failed
+            raise OSError(f"Hubble cannot listen on {shown}: {e}") from None
+        if not port:
+            raise OSError(f"Hubble cannot listen on {shown}")
+        return port
 
     def stop(self, grace: float = 1.0) -> None:
         self.service.stop()

@@ -162,3 +162,32 @@ def test_bpf_lb_cli_reads_the_maps(lb, datapath):
     out = json.loads(CliRunner().invoke(cli, ["bpf", "lb", "maglev", "get", str(sid), *args]).output)
     assert out["table_size"] == datapath.config.maglev_table_size
     assert out["distribution"] == {str(rows[1]["backend_id"]): datapath.config.maglev_table_size}
+
+
+def test_removed_frontend_takes_its_nat_entries_along(lb, datapath):
+    """Open NodePort connections are translated from the NAT map alone: when their frontend
+    goes, its entries must go too, or the old flows keep being forwarded."""
+    import ctypes
+
+    from cilium_py.datapath.maps.conntrack import CtTuple4
+    from cilium_py.datapath.maps.nat import NatEntry4, NatMap
+
+    store, manager, (services, *_rest) = lb
+    put_service(store, "edge", "10.96.0.11", ["10.244.1.5"], type="NodePort",
+                port={"nodePort": 30081})
+    put_service(store, "web", "10.96.0.10", ["10.244.1.6"])
+    sync(store, manager)
+    edge_id = services.get(frontend(NODE_IP, 30081, 6)).service_id
+    web_id = services.get(frontend("10.96.0.10", 80, 6)).service_id
+    nat = NatMap(datapath.config.pin_dir)
+    try:
+        nat.clear()
+        for sport, sid in ((40000, edge_id), (40001, web_id)):
+            nat.update(CtTuple4(saddr=0x0A2D0002, daddr=0x0A2D0001, sport=sport, dport=30081,
+                                nexthdr=6), NatEntry4(rev_nat_index=sid))
+        store.delete(("Service", "shop", "edge"))
+        sync(store, manager)
+        assert sorted(v.rev_nat_index for _, v in nat.items()) == [web_id]
+    finally:
+        nat.clear()
+        nat.close()

@@ -26,6 +26,7 @@ from cilium_py.datapath.maps.conntrack import ConntrackTables
 from cilium_py.datapath.maps.lb import (
     BE_STATE_TERMINATING,
     SVC_F_AFFINITY,
+    SVC_F_HOSTPORT,
     SVC_F_NODEPORT,
     AffinityMap,
     Backend,
@@ -216,6 +217,14 @@ def test_nodeport_on_loopback_through_the_socket_hooks(sock_lab, svc, clients):
     r = clients["sock"].tcp(ip="127.0.0.1", port=NODEPORT)
     assert r["ok"], r
     assert (r["name"], r["peer"]) == ("c", ["127.0.0.1", NODEPORT])
+
+
+def test_hostport_is_not_captured_on_loopback(sock_lab, svc, clients):
+    """A hostPort's 0.0.0.0:port frontend is for node addresses only: a pod's connection to
+    its own localhost port of the same number must stay local (here: nothing listens)."""
+    svc.service(["c"], vip="0.0.0.0", port=NODEPORT, flags=SVC_F_HOSTPORT, service_id=NODEPORT_ID)
+    r = clients["sock"].tcp(ip="127.0.0.1", port=NODEPORT)
+    assert (r["ok"], r["errno"]) == (False, errno.ECONNREFUSED), r
 
 
 @pytest.mark.parametrize("mode", MODES)

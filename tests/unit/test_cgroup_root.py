@@ -62,3 +62,15 @@ def test_agent_flags_refuse_before_loading_anything(tree):
     assert result.exit_code == 2 and "needs --cgroup-root" in result.output
     result = runner.invoke(agent, ["--node-netns", "cpy-none", "--cgroup-root", str(root / "plain")])
     assert result.exit_code == 2 and "cgroup v2" in result.output
+
+
+def test_a_cgroup_holding_init_or_the_agent_is_refused(tree, monkeypatch):
+    """system.slice, user.slice and the like: the host's own sockets would be translated."""
+    from cilium_py.datapath import attach
+
+    root, info = tree
+    monkeypatch.setattr(attach, "_cgroup2_path_of",
+                        lambda pid, mount: f"{mount}/pods/inner" if pid == 1 else None)
+    with pytest.raises(CgroupError, match=r"contains init \(PID 1\)"):
+        check_cgroup_root(str(root / "cg/pods"), info)
+    assert check_cgroup_root(str(root / "with space/child"), info)

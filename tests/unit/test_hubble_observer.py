@@ -223,3 +223,31 @@ def test_listen_addresses(address, expected):
 def test_bad_listen_addresses(address):
     with pytest.raises(ValueError, match="listen address"):
         parse_listen_address(address)
+
+
+def test_a_live_socket_of_another_server_is_not_taken(server, ring):
+    second = ObserverServer(ring, "node-b", unix_socket=server.unix_socket)
+    with pytest.raises(OSError, match="another Hubble server listens"):
+        second.start()
+    # The first server still answers on its socket.
+    stub = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(f"unix://{server.unix_socket}"))
+    assert stub.ServerStatus(O.ServerStatusRequest()).max_flows == 100
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path, ring):
+    import socket as socket_
+
+    path = tmp_path / "stale.sock"
+    stale = socket_.socket(socket_.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    srv = ObserverServer(ring, "node-a", unix_socket=str(path))
+    srv.start()
+    srv.stop(grace=0)
+
+
+def test_a_busy_tcp_port_is_a_clear_error(server, ring, tmp_path):
+    busy = ObserverServer(ring, "node-b", unix_socket=str(tmp_path / "other.sock"),
+                          tcp_address=f"127.0.0.1:{server.tcp_port}")
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.tcp_port}"):
+        busy.start()

@@ -53,9 +53,11 @@ class ControlPlanePods(PodAddresses):
     def __init__(self, control):
         self.control = control
         self._ips: set[str] | None = None
+        self._generation = 0
 
     def invalidate(self) -> None:
         """Endpoints changed: the set of local addresses is rebuilt on the next question."""
+        self._generation += 1
         self._ips = None
 
     def pod_ip(self, namespace: str, name: str) -> str | None:
@@ -67,8 +69,13 @@ class ControlPlanePods(PodAddresses):
     def is_local(self, ip: str) -> bool:
         ips = self._ips
         if ips is None:
+            generation = self._generation
             # A copy made in one step: the regeneration thread changes the dict meanwhile.
-            ips = self._ips = {str(ep.handle.ip) for ep in list(self.control.endpoints.values())}
+            ips = {str(ep.handle.ip) for ep in list(self.control.endpoints.values())}
+            # Kept only if no invalidate() ran meanwhile: a set built from a snapshot older
+            # than the last change would otherwise stay until the next change.
+            if generation == self._generation:
+                self._ips = ips
         return ip in ips
 
 

@@ -78,6 +78,8 @@ from cilium_py.datapath.maps.lb import (
 
 log = logging.getLogger(__name__)
 
+SYNC_RETRY_MIN, SYNC_RETRY_MAX = 0.2, 30.0  # seconds between attempts after a failed sync
+
 SERVICE, HOSTPORT, SLICE = "Service", "HostPort", "EndpointSlice"
 Owner = tuple[str, str, str]            # (SERVICE | HOSTPORT, namespace, name)
 FrontendKey = tuple[str, int, int]      # (address, port, protocol)
@@ -313,6 +315,7 @@ class ServiceManager:
                 before_first_sync()
             except Exception:  # noqa: BLE001 - go on without the wait
                 log.exception("services: waiting before the first sync failed")
+        backoff = SYNC_RETRY_MIN
         while not self._stop.is_set():
             if not self._wake.wait(self.resync_interval):
                 self._needs_restore = True  # nothing changed for a while: check for drift
@@ -322,10 +325,15 @@ class ServiceManager:
             self.store.wait_idle(5.0)
             try:
                 self.sync()
+                backoff = SYNC_RETRY_MIN
             except Exception as e:  # noqa: BLE001 - report, repair on the next pass
-                log.exception("services: sync failed; re-reading the maps and retrying")
+                log.exception("services: sync failed; re-reading the maps and retrying in %.1fs",
+                              backoff)
                 self.last_error = str(e)
-                time.sleep(0.2)
+                # Doubling up to a limit: a lasting failure (a full map) must not spin.
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, SYNC_RETRY_MAX)
                 self._wake.set()
 
     def wait_for_revision(self, revision: int, timeout: float) -> bool:

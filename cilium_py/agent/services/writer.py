@@ -8,7 +8,7 @@ that keeps the datapath consistent at every step:
 3. Maglev tables (they name only backends that exist from step 1 until step 8),
 4. backend slots, then the master entries whose counts make them reachable,
 5. removed frontends (master first, so nothing reaches their slots) and surplus slots,
-6. Maglev tables and 7. reverse-NAT entries of service IDs that are gone,
+6. Maglev tables and 7. reverse-NAT and NAT entries of service IDs that are gone,
 8. backends no service names any more.
 
 `BpfWriter` writes each step with one BPF_MAP_UPDATE_BATCH / DELETE_BATCH per map,
@@ -42,6 +42,7 @@ from cilium_py.datapath.maps.lb import (
     ServiceEntry,
     ServicesMap,
 )
+from cilium_py.datapath.maps.nat import NatMap
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class BpfWriter:
         self.backends = BackendsMap(pin_dir)
         self.revnat = RevNatMap(pin_dir)
         self.maglev = MaglevMap(pin_dir, maglev_table_size)
+        self.nat = NatMap(pin_dir)
         self.batch_ops = True  # cleared if the kernel refuses batch operations
 
     def apply(self, c: LBChanges) -> None:
@@ -297,6 +299,12 @@ class BpfWriter:
             self.maglev.remove(sid)
         if c.revnat_deletes:
             self._delete(self.revnat, np.array(c.revnat_deletes, np.uint16))
+            # NodePort connections carry their frontend in the NAT entries, not in the rev-NAT
+            # map: without this a removed frontend would keep forwarding its open flows.
+            gone = set(c.revnat_deletes)
+            doomed = [k for k, v in self.nat.items() if v.rev_nat_index in gone]
+            for key in doomed:
+                self.nat.delete(key)
         if c.backend_deletes:
             self._delete(self.backends, np.array(c.backend_deletes, np.uint32))
 
@@ -350,5 +358,5 @@ class BpfWriter:
                           self.maglev.service_ids())
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.revnat, self.maglev):
+        for m in (self.services, self.backends, self.revnat, self.maglev, self.nat):
             m.close()

@@ -165,6 +165,8 @@ class ServicesMap(BpfMap):
     def upsert(self, entry: ServiceEntry, previous_count: int | None = None) -> None:
         """Writes the slots, then the master entry, then removes slots beyond the new count.
         `previous_count` (the old master's count + qcount) saves a lookup when known."""
+        if not 0 <= entry.affinity_timeout <= AFFINITY_TIMEOUT_MASK:
+            raise ValueError(f"affinity timeout {entry.affinity_timeout}s does not fit 24 bits")
         fe = entry.frontend
         if previous_count is None:
             old = self.lookup(fe.key(0))
@@ -172,8 +174,6 @@ class ServicesMap(BpfMap):
         for slot, backend_id in enumerate(entry.backend_ids, start=1):
             self.update(fe.key(slot), Lb4Service(backend_id=backend_id,
                                                  rev_nat_index=entry.service_id))
-        if not 0 <= entry.affinity_timeout <= AFFINITY_TIMEOUT_MASK:
-            raise ValueError(f"affinity timeout {entry.affinity_timeout}s does not fit 24 bits")
         count = len(entry.backend_ids) - entry.qcount
         master = Lb4Service(
             backend_id=entry.affinity_timeout | entry.algorithm << ALGORITHM_SHIFT,
