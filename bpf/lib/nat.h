@@ -42,14 +42,17 @@
 #ifndef SNAT_MAP_SIZE
 #define SNAT_MAP_SIZE ((CT_MAP_SIZE_TCP + CT_MAP_SIZE_ANY) * 2 / 3)
 #endif
-/* Ports SNAT allocates from: the kernel's default ephemeral range, above the NodePort
- * range. Ports inside [NODEPORT_PORT_MIN, NODEPORT_PORT_MAX] are skipped when a
- * configuration makes the two ranges overlap. */
+/* Ports SNAT allocates from: above the kernel's default ephemeral range (32768-60999), so
+ * a translated connection never takes the 4-tuple of a connection the node's own sockets
+ * make to the same backend (nor does the reply lookup catch that socket's packets). A node
+ * whose ip_local_port_range reaches into this range must keep it out (or reserve it). Ports
+ * inside [NODEPORT_PORT_MIN, NODEPORT_PORT_MAX] are skipped when a configuration makes the
+ * two ranges overlap. */
 #ifndef SNAT_PORT_MIN
-#define SNAT_PORT_MIN 32768
+#define SNAT_PORT_MIN 61000
 #endif
 #ifndef SNAT_PORT_MAX
-#define SNAT_PORT_MAX 60999
+#define SNAT_PORT_MAX 65535
 #endif
 #ifndef NODEPORT_PORT_MIN
 #define NODEPORT_PORT_MIN 30000
