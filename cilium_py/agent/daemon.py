@@ -24,6 +24,8 @@ from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.metrics import AgentMetrics, serve
+from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
+from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.services.wiring import kpr_status, start_services
 from cilium_py.agent.sources.manifests import ManifestsSource
@@ -66,8 +68,8 @@ class AgentConfig:
     bpf_lb_sock: bool = True
     # Services (kube-proxy replacement): nodePorts allocated and accepted in this range;
     # the Maglev seed every node must share (--node-port-range, --bpf-lb-maglev-hash-seed).
-    node_port_range: tuple[int, int] = (30000, 32767)
-    maglev_hash_seed: str = "JLfvgnHc2kaSUFaI"
+    node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE
+    maglev_hash_seed: str = DEFAULT_SEED
 
     @property
     def run_state_dir(self) -> str:

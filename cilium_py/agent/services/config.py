@@ -6,12 +6,12 @@ import ipaddress
 from dataclasses import dataclass
 
 from cilium_py.agent.services.maglev import DEFAULT_SEED, DEFAULT_TABLE_SIZE, check_table_size, murmur_seed
+from cilium_py.datapath.config import LB_ALGORITHMS as ALGORITHMS
 
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 # Where the agent picks a ClusterIP for a Service whose manifest gives none (the API
 # server's default --service-cluster-ip-range; a cluster's API server always fills it in).
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
-ALGORITHMS = ("random", "maglev")
 
 
 def parse_node_port_range(value: str | tuple) -> tuple[int, int]:

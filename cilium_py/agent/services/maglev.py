@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MAGLEV_PRIMES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+from cilium_py.datapath.config import MAGLEV_TABLE_SIZES as MAGLEV_PRIMES
+
 DEFAULT_TABLE_SIZE = 16381
 # 12 random bytes, base64; bytes 0-3 seed murmur3 here, bytes 4-11 seed the datapath's jhash.
 DEFAULT_SEED = "JLfvgnHc2kaSUFaI"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cilium_py.datapath import libbpf
+from cilium_py.datapath.config import LB_ALGORITHMS as ALGORITHMS
 
 from .base import BpfMap, be16, be32
 
@@ -42,8 +43,9 @@ BE_STATE_ACTIVE, BE_STATE_TERMINATING, BE_STATE_QUARANTINED, BE_STATE_MAINTENANC
 BACKEND_STATES = {BE_STATE_ACTIVE: "active", BE_STATE_TERMINATING: "terminating",
                   BE_STATE_QUARANTINED: "quarantined", BE_STATE_MAINTENANCE: "maintenance"}
 
-ALGORITHM_DEFAULT, ALGORITHM_RANDOM, ALGORITHM_MAGLEV = 0, 1, 2
-ALGORITHMS = {"random": ALGORITHM_RANDOM, "maglev": ALGORITHM_MAGLEV}
+# The master entry's algorithm byte; 0 defers to the datapath's compiled-in default.
+ALGORITHM_DEFAULT = 0
+ALGORITHM_RANDOM, ALGORITHM_MAGLEV = ALGORITHMS["random"], ALGORITHMS["maglev"]
 AFFINITY_TIMEOUT_MASK = 0xFFFFFF
 ALGORITHM_SHIFT = 24
 
