@@ -177,12 +177,19 @@ class EventReader:
         table = loaded.events_table
         if loaded.config.events == "perf":
             table.open_perf_buffer(self._on_perf, page_cnt=256, lost_cb=self._on_lost)
-            self._perf_poll = loaded.bpf.perf_buffer_poll
-        else:
+            self._bcc_poll = loaded.bpf.perf_buffer_poll
+        elif RingBufferConsumer.supported():
             self._ring = RingBufferConsumer(table.map_fd)
+        else:  # BCC's callback reader: slower, but right on any memory model
+            table.open_ring_buffer(self._on_ring)
+            self._bcc_poll = loaded.bpf.ring_buffer_poll
 
     def _on_perf(self, cpu, data, size):
         self._pending.append(ctypes.string_at(data, size))
+
+    def _on_ring(self, ctx, data, size):
+        self._pending.append(ctypes.string_at(data, size))
+        return 0
 
     def _on_lost(self, count):
         self.perf_lost += count
@@ -210,7 +217,7 @@ class EventReader:
         if self._ring is not None:
             records = self._ring.read() if self._ring.wait(timeout) else []
         else:
-            self._perf_poll(timeout=timeout)
+            self._bcc_poll(timeout=timeout)
             records, self._pending = self._pending, []
         if records:
             self._dispatch(records)

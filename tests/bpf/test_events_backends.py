@@ -46,3 +46,20 @@ def test_lost_events_are_counted(bpf_root):
     finally:
         lost.close()
         unread.close()
+
+
+def test_ring_buffer_through_bcc_where_the_mmap_reader_is_not_supported(bpf_root, monkeypatch):
+    """Off x86 the reader falls back to BCC's ring-buffer callbacks; same records."""
+    from cilium_py.datapath.ringbuf import RingBufferConsumer
+
+    loaded = loader.load(DatapathConfig(node="bccring", bpf_root=bpf_root), pin_programs=False)
+    try:
+        monkeypatch.setattr(RingBufferConsumer, "supported", staticmethod(lambda: False))
+        events = []
+        reader = EventReader(loaded, events.append)
+        assert reader._ring is None
+        testrun.run(loaded.fd("cil_from_container"), pk.tcp("10.244.77.7", "10.244.77.8", 40000, 80))
+        reader.poll_once(100)
+        assert [(e.type, e.drop_reason) for e in events] == [("drop", 132)]
+    finally:
+        loaded.close()
