@@ -6,7 +6,8 @@
  * in slots 1..count, each naming a backend ID; backends live in their own map so a backend
  * shared by several frontends is written once. Terminating backends have no slot (no new
  * connection picks them) but keep their backend entry, so connections pinned to them by
- * conntrack or affinity keep working until the backend is gone.
+ * conntrack (or a NAT entry) keep working until the backend is gone; session affinity
+ * moves its client on to an active backend.
  *
  * Byte order: addresses and ports are network order (as in the packet); slots, counts,
  * IDs and the rev-NAT index are host order.
