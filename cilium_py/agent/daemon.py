@@ -24,9 +24,9 @@ from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.metrics import AgentMetrics, serve
+from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
-from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.services.wiring import kpr_status, start_services
 from cilium_py.agent.sources.manifests import ManifestsSource
 from cilium_py.agent.store import Store
@@ -197,7 +197,8 @@ class Agent:
     def _lost_counts(self) -> dict[str, int]:
         """Losses besides the datapath's own counter: perf-reported and unparsable records."""
         return {"perf": self.reader.perf_lost if self.reader else 0,
-                "parse": self.hubble.parser.errors if self.hubble else 0}
+                "parse": (self.hubble.parser.errors + self.hubble.consumer_failures
+                          if self.hubble else 0)}
 
     def _on_events(self, records: list[bytes]) -> None:
         """Every batch the datapath produced: to Hubble, and to `ciliumpy monitor` clients
