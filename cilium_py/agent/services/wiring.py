@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE, ServiceConfig
+from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import ControlPlanePods
-from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import BpfWriter
 
@@ -15,22 +14,20 @@ log = logging.getLogger(__name__)
 
 
 def socket_lb_enabled(agent_config) -> bool:
-    cgroup_root = getattr(agent_config, "cgroup_root", "")
-    return bool(cgroup_root) and getattr(agent_config, "bpf_lb_sock", True) is not False
+    return bool(agent_config.cgroup_root) and agent_config.bpf_lb_sock
 
 
 def acceleration(agent_config) -> str:
-    dp = agent_config.datapath
-    return getattr(dp, "lb_acceleration", None) or getattr(agent_config, "bpf_lb_acceleration", None) or "disabled"
+    return agent_config.datapath.lb_acceleration
 
 
 def service_config(agent_config) -> ServiceConfig:
     dp = agent_config.datapath
     return ServiceConfig(
         node=dp.node, node_ips=tuple(agent_config.node_ips),
-        node_port_range=getattr(agent_config, "node_port_range", DEFAULT_NODE_PORT_RANGE),
+        node_port_range=agent_config.node_port_range,
         algorithm=dp.lb_algorithm, maglev_table_size=dp.maglev_table_size,
-        maglev_seed=getattr(agent_config, "maglev_hash_seed", DEFAULT_SEED),
+        maglev_seed=agent_config.maglev_hash_seed,
         # The manifests source has no endpointslice controller behind it: the agent derives
         # the endpoints of Services with selectors (unless EndpointSlices are given).
         derive_endpoint_slices=bool(agent_config.manifests),
@@ -59,6 +56,6 @@ def kpr_status(agent_config, manager: ServiceManager | None) -> dict:
         status["problems"] = manager.problems()
         return status
     return {"enabled": False, "socket_lb": socket_lb_enabled(agent_config),
-            "node_port_range": "%d-%d" % getattr(agent_config, "node_port_range", DEFAULT_NODE_PORT_RANGE),
+            "node_port_range": "%d-%d" % agent_config.node_port_range,
             "algorithm": agent_config.datapath.lb_algorithm, "acceleration": acceleration(agent_config),
             "reason": "no manifests source: the agent has no Services to serve"}
