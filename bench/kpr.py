@@ -50,21 +50,19 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import resource
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
 from bench.common import TOKEN, Result, bpf_root, delete_endpoints, median, remove_bpf_root, stop_process
+from cilium_py.lab import wire
 
 NODE_NAME = "benchkpr"
 NODE_INDEX = 204
@@ -333,40 +331,6 @@ def _flush_nf_ct(ns: str) -> None:
 
 # -- the "wire" for native XDP on veths (as tests/netns/test_nodeport.py sets it up) ----------
 
-SIOCETHTOOL, ETHTOOL_STXCSUM = 0x8946, 0x17
-BPF_PROG_TYPE_XDP, XDP_PASS = 6, 2
-
-
-def _tx_checksum_off(ns: str, ifname: str) -> None:
-    """ethtool -K IFNAME tx off inside `ns` (struct ethtool_value through SIOCETHTOOL)."""
-    from cilium_py.datapath import netns
-
-    value = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_STXCSUM, 0), 8)
-    ifreq = struct.pack("16sQ", ifname.encode(), ctypes.addressof(value)) + b"\0" * 16
-    with netns.entered(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
-
-
-def _xdp_pass(ns: str, ifname: str) -> None:
-    """A two-instruction XDP program returning XDP_PASS, natively on `ifname`."""
-    from pyroute2 import IPRoute
-
-    from cilium_py.datapath import attach, netns
-
-    insns = struct.pack("<BBhi", 0xB7, 0, 0, XDP_PASS) + struct.pack("<BBhi", 0x95, 0, 0, 0)
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
-                                  ctypes.c_size_t, ctypes.c_void_p]
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_XDP, b"xdp_pass", b"GPL", buf, 2, None)
-    if fd < 0:
-        raise OSError(-fd, "loading an XDP_PASS program")
-    try:
-        with netns.entered(ns), IPRoute() as ipr:
-            attach.attach_xdp(ipr, ipr.link_lookup(ifname=ifname)[0], fd, "native")
-    finally:
-        os.close(fd)
-
 
 # -- kube-proxy's iptables ruleset --------------------------------------------------------------
 
@@ -568,9 +532,9 @@ class Routers:
                     elif link in ("b", "c"):
                         ipr.route("add", dst=f"10.250.{ROUTER_NET[flavour]}.0/24", gateway=gw)
             # The NodePort client's side looks like the lab node's uplink (see the docstring).
-            _tx_checksum_off(self.ext_ns, f"k{tag}")
-            _xdp_pass(self.ext_ns, f"k{tag}")
-            _xdp_pass(ns, f"r{tag}ext")
+            wire.set_tx_checksum_offload(self.ext_ns, f"k{tag}", False)
+            wire.attach_xdp_pass(self.ext_ns, f"k{tag}")
+            wire.attach_xdp_pass(ns, f"r{tag}ext")
 
     def destroy(self) -> None:
         from cilium_py.datapath import netns
@@ -799,8 +763,8 @@ def run(quick: bool = False) -> list[Result]:
         dp = DatapathConfig(node=NODE_NAME, bpf_root=root, maglev_table_size=1021)
         node_ip = str(node.addressing.uplink_ip)
         # NodePort in XDP on a veth: the outside end must look like a wire (see docstring).
-        _xdp_pass(node.ext_netns, "eth0")
-        _tx_checksum_off(node.ext_netns, "eth0")
+        wire.attach_xdp_pass(node.ext_netns, "eth0")
+        wire.set_tx_checksum_offload(node.ext_netns, "eth0", False)
         agent = AgentProcess(node=NODE_NAME, bpf_root=root, run_dir=run_dir, node_netns=node.netns,
                              devices=("eth0",), node_ips=(str(node.router_ip), node_ip),
                              extra_args=("--cgroup-root", cgroup, "--bpf-lb-maglev-table-size", "1021",

@@ -75,7 +75,7 @@ static __always_inline int lb4_xlate_skb(struct __sk_buff *ctx, struct pkt4 *p, 
 /* A reply of a translated connection entering the client pod: its source becomes the
  * frontend the client addressed. A service that is gone leaves the packet as it is. */
 static __always_inline int lb4_rev_nat_skb(struct __sk_buff *ctx, struct pkt4 *p,
-					__be16 rev_nat_index)
+					   __be16 rev_nat_index)
 {
 	struct lb4_reverse_nat *nat = lb4_lookup_rev_nat(ntohs(rev_nat_index));
 	struct nat4_xlate x;
@@ -101,7 +101,7 @@ static __always_inline int lb4_rev_nat_skb(struct __sk_buff *ctx, struct pkt4 *p
  * (connected to the frontend) finds it: port unreachable, fragmentation needed... The
  * checksums inside the ICMP message are not offloaded: each is patched field by field. */
 static __always_inline int lb4_rev_nat_icmp_skb(struct __sk_buff *ctx, struct pkt4 *p,
-					     __be16 rev_nat_index)
+						__be16 rev_nat_index)
 {
 	struct lb4_reverse_nat *nat = lb4_lookup_rev_nat(ntohs(rev_nat_index));
 	__u32 icmp_csum = (p->l4_off & 0x3ff) + offsetof(struct icmphdr, checksum);

@@ -18,13 +18,10 @@ flow are hairpinned by XDP_TX. Services are written to the maps directly
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import ipaddress
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -49,6 +46,7 @@ from cilium_py.datapath.maps.lb import (
 )
 from cilium_py.datapath.maps.nat import NatMap
 from cilium_py.lab.agentproc import AgentProcess
+from cilium_py.lab import wire
 from cilium_py.lab.node import LabNode
 
 pytestmark = [pytest.mark.netns]
@@ -195,44 +193,15 @@ def _make_remote(node: LabNode, remote_ns: str) -> None:
         ipr.route("add", dst=f"10.246.{i}.0/30", gateway=str(node.addressing.world_ip))
 
 
-SIOCETHTOOL, ETHTOOL_STXCSUM = 0x8946, 0x17
-BPF_PROG_TYPE_XDP, XDP_PASS = 6, 2
-
-
-def _set_tx_checksum_offload(ns: str, ifname: str, on: bool) -> None:
-    """ethtool -K IFNAME tx on|off, inside `ns` (struct ethtool_value through SIOCETHTOOL)."""
-    value = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_STXCSUM, int(on)), 8)
-    ifreq = struct.pack("16sQ", ifname.encode(), ctypes.addressof(value)) + b"\0" * 16
-    with netns.entered(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
-
-
-def _attach_xdp_pass(ns: str, ifname: str) -> None:
-    """A two-instruction XDP program returning XDP_PASS, natively on `ifname`."""
-    insns = struct.pack("<BBhi", 0xB7, 0, 0, XDP_PASS) + struct.pack("<BBhi", 0x95, 0, 0, 0)
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
-                                  ctypes.c_size_t, ctypes.c_void_p]
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_XDP, b"xdp_pass", b"GPL", buf, 2, None)
-    if fd < 0:
-        raise OSError(-fd, "loading an XDP_PASS program")
-    try:
-        with netns.entered(ns), IPRoute() as ipr:
-            attach.attach_xdp(ipr, ipr.link_lookup(ifname=ifname)[0], fd, "native")
-    finally:
-        os.close(fd)
-
-
 def _wire_like_outside(node: LabNode, remote_ns: str) -> None:
     """What native XDP on a veth needs from the other end, which a physical NIC's wire
     provides: frames XDP_TX sends back are only picked up by a veth peer that runs an XDP
     program itself (the kernel schedules the peer's NAPI only then), and those frames lose
     the skb's checksum state, so senders must put complete checksums on the wire (a local
     socket's packet crosses a veth with only the pseudo-header summed)."""
-    _attach_xdp_pass(node.ext_netns, "eth0")
-    _set_tx_checksum_offload(node.ext_netns, "eth0", False)
-    _set_tx_checksum_offload(remote_ns, "eth0", False)
+    wire.attach_xdp_pass(node.ext_netns, "eth0")
+    wire.set_tx_checksum_offload(node.ext_netns, "eth0", False)
+    wire.set_tx_checksum_offload(remote_ns, "eth0", False)
 
 
 @contextlib.contextmanager
