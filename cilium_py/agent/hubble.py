@@ -11,9 +11,7 @@ the metrics.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from dataclasses import dataclass
 
 from cilium_py.agent.labels import format_labels
@@ -126,6 +124,7 @@ class Hubble:
         self.consumer_failures = 0   # records of batches whose processing raised
         self._datapath_lost_seen: int | None = None
         self._perf_lost_fn = lambda: 0
+        self._lost_map = EventsLostMap(pin_dir)  # read every LOST_CHECK_SECONDS: kept open
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,8 +140,7 @@ class Hubble:
 
     def check_lost(self) -> None:
         """Turns new datapath and parse losses into LostEvents in the ring."""
-        with EventsLostMap(self.pin_dir) as lost_map:
-            total = lost_map.total() + self._perf_lost_fn()
+        total = self._lost_map.total() + self._perf_lost_fn()
         if self._datapath_lost_seen is None:
             self._datapath_lost_seen = total  # losses from before this agent are not ours
         events = []
@@ -190,3 +188,4 @@ class Hubble:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.enricher.close()
+        self._lost_map.close()

@@ -94,10 +94,14 @@ def ct_flush(scope, node, bpf_root, output):
     for cls in (CtTcpMap, CtAnyMap):
         with open_map(cls, node, bpf_root) as m:
             removed += m.clear()
+    _flushed(output, removed, "the global conntrack tables")
+
+
+def _flushed(output: str, removed: int, where: str) -> None:
     if output == "json":
         emit(output, [{"deleted": removed}], [])
     else:
-        click.echo(f"Flushed {removed} entries from the global conntrack tables")
+        click.echo(f"Flushed {removed} entries from {where}")
 
 
 @bpf.group()
@@ -128,10 +132,7 @@ def nat_flush(node, bpf_root, output):
     """Remove every NAT mapping."""
     with open_map(NatMap, node, bpf_root) as m:
         removed = m.flush()
-    if output == "json":
-        emit(output, [{"deleted": removed}], [])
-    else:
-        click.echo(f"Flushed {removed} entries from the NAT table")
+    _flushed(output, removed, "the NAT table")
 
 
 @bpf.group()

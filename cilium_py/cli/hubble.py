@@ -349,6 +349,16 @@ _request_timeout = click.option("--request-timeout", default="12s", show_default
                                 help="how long to wait for the answer")
 
 
+def _ask(server: str, timeout: float, request_timeout: float, rpc: str, request):
+    """One unary Observer call on a fresh channel."""
+    channel = dial(server, timeout)
+    try:
+        return _unary(getattr(observer_pb2_grpc.ObserverStub(channel), rpc), request, server,
+                      request_timeout)
+    finally:
+        channel.close()
+
+
 @cli.command()
 @click.option("-o", "--output", type=click.Choice(["compact", "json"]), default="compact",
               show_default=True, help="output format")
@@ -356,12 +366,7 @@ _request_timeout = click.option("--request-timeout", default="12s", show_default
 @_request_timeout
 def status(output, server, timeout, request_timeout):
     """Server health, flow ring occupancy and flow rate."""
-    channel = dial(server, timeout)
-    try:
-        resp = _unary(observer_pb2_grpc.ObserverStub(channel).ServerStatus, O.ServerStatusRequest(),
-                      server, request_timeout)
-    finally:
-        channel.close()
+    resp = _ask(server, timeout, request_timeout, "ServerStatus", O.ServerStatusRequest())
     click.echo(_json(resp) if output == "json" else printer.status_text(resp, server))
 
 
@@ -377,12 +382,7 @@ def list_():
 @_request_timeout
 def list_nodes(output, server, timeout, request_timeout):
     """The nodes behind the server (for an agent: itself)."""
-    channel = dial(server, timeout)
-    try:
-        resp = _unary(observer_pb2_grpc.ObserverStub(channel).GetNodes, O.GetNodesRequest(),
-                      server, request_timeout)
-    finally:
-        channel.close()
+    resp = _ask(server, timeout, request_timeout, "GetNodes", O.GetNodesRequest())
     click.echo(_json(resp) if output == "json" else printer.nodes_table(resp))
 
 

@@ -51,7 +51,6 @@ from cilium_py.agent.services.parse import (
     parse_endpoint_slice,
     parse_service,
     pod_host_ports,
-    protocol_name,
 )
 from cilium_py.agent.services.writer import FE, BackendWrite, LBChanges, LBWriter, MasterWrite, SlotWrite
 from cilium_py.agent.store import Resource, Store
@@ -75,6 +74,7 @@ from cilium_py.datapath.maps.lb import (
     SVC_F_TWO_SCOPES,
     flag_names,
 )
+from cilium_py.datapath.reasons import protocol_name
 
 log = logging.getLogger(__name__)
 

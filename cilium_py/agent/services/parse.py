@@ -20,10 +20,10 @@ from cilium_py.agent.services.addr import ipv4_int
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.store import Resource
 from cilium_py.datapath.maps.lb import ALGORITHM_DEFAULT, ALGORITHMS
+from cilium_py.datapath.reasons import protocol_name
 
 TCP, UDP, SCTP = 6, 17, 132
 PROTOCOLS = {"TCP": TCP, "UDP": UDP}
-PROTOCOL_NAMES = {TCP: "TCP", UDP: "UDP", SCTP: "SCTP"}
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 TRAFFIC_POLICIES = ("Cluster", "Local")
 SESSION_AFFINITIES = ("None", "ClientIP")
@@ -34,10 +34,6 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SCTP_UNSUPPORTED = "SCTP is not supported by the kube-proxy replacement; use TCP or UDP"
 
 _PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
-
-
-def protocol_name(proto: int) -> str:
-    return PROTOCOL_NAMES.get(proto, str(proto))
 
 
 # -- the model ----------------------------------------------------------------------------
