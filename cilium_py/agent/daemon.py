@@ -19,10 +19,12 @@ from pyroute2 import IPRoute
 
 from cilium_py import defaults
 from cilium_py.agent.api import APIServer
+from cilium_py.agent.backend import kernel_backend
 from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
 from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
+from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
@@ -107,6 +109,7 @@ class Agent:
         self.metrics = None
         self._metrics_servers = []
         self.metrics_addresses: dict[str, str] = {}
+        self.ipcache: IPCache | None = None  # the process's one ipcache writer
 
     def start(self) -> None:
         cfg = self.config
@@ -156,8 +159,9 @@ class Agent:
         self.store = Store()
         self.control = ControlPlane(ControlPlaneConfig(
             datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
-            pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips),
-            self.store)
+            pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips,
+            policy_map_max=cfg.datapath.policy_map_max),
+            self.store, kernel_backend(cfg.datapath, cfg.node_netns, cfg.router_ip, self.ipcache))
         self.source = ManifestsSource(cfg.manifests, self.store)
         self.control.source_errors_fn = lambda: self.source.errors
         self.source.sync_once()
@@ -236,9 +240,11 @@ class Agent:
                 pressure[table.NAME] = round(len(table.items()) / table.max_entries, 4)
         finally:
             tables.close()
+        control = self.control
+        if control is not None and control.writer.capacity():
+            pressure["ciliumpy_policy"] = round(control.writer.entry_count() / control.writer.capacity(), 4)
         with EventsLostMap(pin) as lost:
             events_lost = lost.total()
-        control = self.control
         controllers = {}
         if control is not None:
             controllers = {name: vars(c) for name, c in sorted(control.controllers.items())}
@@ -256,7 +262,9 @@ class Agent:
             "endpoints": len(control.endpoints) if control else 0,
             "identities": len(control.identities.all()) if control else 0,
             "policy": {"revision": control.revision if control else 0,
-                       "realized": control.realized_revision() if control else 0},
+                       "realized": control.realized_revision() if control else 0,
+                       "failed_endpoints": control.failed_endpoints() if control else {},
+                       "map_max_per_endpoint": self.config.datapath.policy_map_max},
             "map_pressure": pressure,
             "hubble": self.hubble.status() if self.hubble else {"enabled": False},
             "metrics": dict(self.metrics_addresses),
@@ -265,16 +273,15 @@ class Agent:
         }
 
     def _register_node_addresses(self) -> None:
+        self.ipcache = IPCache(IPCacheMap(self.config.datapath.pin_dir))
         endpoints = EndpointMap(self.config.datapath.pin_dir)
-        ipcache = IPCacheMap(self.config.datapath.pin_dir)
         try:
             for ip in self.config.node_ips:
-                ipcache.upsert(ip, IDENTITY_HOST)
+                self.ipcache.upsert(ip, IDENTITY_HOST, SOURCE_LOCAL)
                 endpoints.upsert(ip, endpoint_id=0, ifindex=0, identity=IDENTITY_HOST,
                                  flags=ENDPOINT_F_HOST)
         finally:
             endpoints.close()
-            ipcache.close()
 
     def _attach_socket_lb(self) -> None:
         """Socket LB on the cgroup root: the new programs attached before the old ones go
@@ -326,6 +333,9 @@ class Agent:
         if self.gc:
             self.gc.stop()
         self.monitor.stop()
+        if self.ipcache is not None:
+            self.ipcache.map.close()
+            self.ipcache = None
 
     def run_forever(self) -> None:
         done = threading.Event()

@@ -253,6 +253,11 @@ class Lab:
         if not result["realized"]:
             raise LabError(f"policy revision {revision} not realized within {timeout}s "
                            f"(realized: {result['revision']})")
+        failed = result.get("failed_endpoints") or {}
+        if failed:
+            raise LabError(f"policy revision {revision} not realized on {len(failed)} endpoint(s) "
+                           f"(they deny or keep their previous policy):\n"
+                           + "\n".join(f"  {pod}: {why}" for pod, why in failed.items()))
         # Services follow the endpoints (their backends are the pods' addresses): asked only
         # now, their revision covers the endpoints realized above.
         services = client.get(f"/v1/services/wait?timeout={timeout}", timeout=timeout + 5)
