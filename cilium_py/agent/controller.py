@@ -244,8 +244,6 @@ class ControlPlane:
             except Exception as e:  # noqa: BLE001 - one pod failing must not stop the others
                 self._endpoint_failed(key, f"endpoint: {e}")
                 log.exception("endpoint %s failed; retrying", key)
-        for listener in self.endpoint_listeners:
-            listener(dirty_pods)
         identities = self.identities.all()
         changed_ids = before ^ set(identities)
         changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]
@@ -260,7 +258,10 @@ class ControlPlane:
             self._cidr_prefixes_seen = cidr_prefixes
         for selector in subjects:
             to_resolve |= self._endpoints_selected(selector, to_resolve)
-        self._apply_policy(revision, to_resolve, identities)
+        readiness_moved = self._apply_policy(revision, to_resolve, identities)
+        # After the policy pass: an endpoint serves (is a backend) only once it is ready.
+        for listener in self.endpoint_listeners:
+            listener(dirty_pods | readiness_moved)
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
@@ -378,13 +379,16 @@ class ControlPlane:
             self._cidr_ids[prefix] = self.identities.acquire_cidr(prefix)
         return self._cidr_ids[prefix]
 
-    def _apply_policy(self, revision: int, keys: set[str], identities: dict) -> None:
+    def _apply_policy(self, revision: int, keys: set[str], identities: dict) -> set[str]:
+        """Resolves and writes the policy of these endpoints; returns those whose readiness
+        changed."""
         peer_ports: dict[int, dict] = {}
         for ep in self.endpoints.values():
             peer_ports.setdefault(ep.identity, {}).update(ep.named_ports)
         # One index for the whole pass: each peer selector meets the identities once.
         peers = PeerIndex(identities, self._cidr_identity, self.repo.cidr_prefixes())
         failed: set[str] = set()
+        was_ready = {k: ep.state == READY for k, ep in self.endpoints.items() if k in keys}
         for key in sorted(keys):
             ep = self.endpoints.get(key)
             if ep is None:
@@ -424,6 +428,8 @@ class ControlPlane:
         for key, ep in self.endpoints.items():
             if ep.state == READY and key not in failed:
                 ep.realized_revision = revision
+        return {k for k, ready in was_ready.items()
+                if k in self.endpoints and (self.endpoints[k].state == READY) != ready}
 
     def _fail_closed(self, ep: LocalEndpoint, policy) -> str:
         """After a failed write the endpoint's entries are what they were. A direction the

@@ -147,3 +147,19 @@ def test_cidr_rule_naming_a_pod_address_never_takes_its_identity(node):
     node.sync()
     assert node.ipcache_identity(b_ip) == b.identity
     assert node.ipcache_identity("0.0.0.0/0") in (None, IDENTITY_WORLD)
+
+
+def test_endpoint_listeners_see_ready_endpoints(node):
+    """The service manager takes backends from ready endpoints only: it must be told after
+    the policy pass, when new endpoints are ready, and when an endpoint's readiness moves."""
+    seen = []
+    node.control.endpoint_listeners.append(
+        lambda keys: seen.append({k: node.control.endpoints[k].state for k in keys
+                                  if k in node.control.endpoints}))
+    node.apply(namespace("x"), pod("x", "a"), pod("x", "b"))
+    node.sync()
+    assert seen[-1] == {"x/a": READY, "x/b": READY}
+    node.backend.policy_map.fail_puts = 1000
+    node.apply(np_ingress_from("x", "p", [{"podSelector": {}}]))
+    node.sync()
+    assert seen[-1] == {"x/a": NOT_READY, "x/b": NOT_READY}
