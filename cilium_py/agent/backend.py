@@ -11,12 +11,17 @@ root.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 from dataclasses import dataclass
 
 from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache, prefix_of
-from cilium_py.datapath.maps.endpoints import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS
+from cilium_py.datapath.maps.endpoints import (
+    ENDPOINT_F_POLICY_EGRESS,
+    ENDPOINT_F_POLICY_INGRESS,
+    Endpoint,
+)
 from cilium_py.datapath.maps.policy import PolicyMapKey, PolicyMapValue
 
 
@@ -68,28 +73,30 @@ class MemoryPolicyMap:
 
 
 class MemoryEndpointMap:
-    """IP -> (endpoint id, identity, flags)."""
+    """IP -> endpoint, with EndpointMap's methods and flags."""
 
     def __init__(self):
-        self.data: dict[ipaddress.IPv4Address, list] = {}
+        self.data: dict[ipaddress.IPv4Address, Endpoint] = {}
 
-    def upsert(self, ip, *, endpoint_id: int, identity: int, flags: int = 0) -> None:
-        self.data[ipaddress.IPv4Address(ip)] = [endpoint_id, identity, flags]
+    def upsert(self, ip, *, endpoint_id: int, ifindex: int, identity: int,
+               mac: str = "00:00:00:00:00:00", node_mac: str = "00:00:00:00:00:00",
+               flags: int = 0) -> None:
+        ip = ipaddress.IPv4Address(ip)
+        self.data[ip] = Endpoint(ip, endpoint_id, ifindex, identity, mac, node_mac, flags)
+
+    def get(self, ip) -> Endpoint | None:
+        return self.data.get(ipaddress.IPv4Address(ip))
 
     def remove(self, ip) -> bool:
         return self.data.pop(ipaddress.IPv4Address(ip), None) is not None
 
     def set_policy_enforcement(self, ip, *, ingress: bool, egress: bool) -> None:
-        entry = self.data.get(ipaddress.IPv4Address(ip))
-        if entry is None:
+        ep = self.get(ip)
+        if ep is None:
             raise KeyError(f"no endpoint with IP {ip}")
-        flags = entry[2] & ~(ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS)
-        entry[2] = flags | (ENDPOINT_F_POLICY_INGRESS if ingress else 0) \
-            | (ENDPOINT_F_POLICY_EGRESS if egress else 0)
-
-    def enforcement(self, ip) -> tuple[bool, bool]:
-        flags = self.data[ipaddress.IPv4Address(ip)][2]
-        return bool(flags & ENDPOINT_F_POLICY_INGRESS), bool(flags & ENDPOINT_F_POLICY_EGRESS)
+        flags = ep.flags & ~(ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS)
+        flags |= (ENDPOINT_F_POLICY_INGRESS if ingress else 0) | (ENDPOINT_F_POLICY_EGRESS if egress else 0)
+        self.data[ep.ip] = dataclasses.replace(ep, flags=flags)
 
 
 class MemoryIPCacheMap:
@@ -110,7 +117,7 @@ class MemoryIPCacheMap:
 
 
 @dataclass(frozen=True)
-class MemoryHandle:
+class MapHandle:
     """Mirrors EndpointHandle's fields that the control plane reads."""
 
     name: str
@@ -122,39 +129,44 @@ class MemoryHandle:
     ifindex: int
 
 
-class MemoryEndpoints:
-    """Endpoints as map entries only: IDs, the endpoint map and the ipcache, no devices."""
+class MapEndpoints:
+    """Endpoints as map entries only, no namespaces or devices: over the in-memory maps in
+    unit tests, or over the pinned maps with every endpoint on one device (`ifindex`), as
+    BPF_PROG_TEST_RUN runs programs on loopback."""
 
-    def __init__(self, endpoint_map: MemoryEndpointMap, ipcache: IPCache, policy_map: MemoryPolicyMap):
+    def __init__(self, endpoint_map, ipcache: IPCache, policy_map, ifindex: int = 0):
         self.endpoint_map = endpoint_map
         self.ipcache = ipcache
         self.policy_map = policy_map
-        self.handles: dict[str, MemoryHandle] = {}
+        self.ifindex = ifindex
+        self.handles: dict[str, MapHandle] = {}
         self.fail_create: set[str] = set()  # tests: names whose creation fails
 
     def _allocate_id(self) -> int:
         used = {h.endpoint_id for h in self.handles.values()}
         return next(i for i in range(1, 65536) if i not in used)
 
-    def create(self, name: str, ip, identity: int, *, closed: bool = False) -> MemoryHandle:
+    def create(self, name: str, ip, identity: int, *, closed: bool = False) -> MapHandle:
         if name in self.fail_create:
             raise RuntimeError(f"endpoint {name}: injected failure")
         ip = ipaddress.IPv4Address(ip)
         endpoint_id = self._allocate_id()
         flags = (ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS) if closed else 0
-        self.endpoint_map.upsert(ip, endpoint_id=endpoint_id, identity=identity, flags=flags)
+        self.endpoint_map.upsert(ip, endpoint_id=endpoint_id, ifindex=self.ifindex,
+                                 identity=identity, flags=flags)
         self.ipcache.upsert(ip, identity, SOURCE_LOCAL)
-        handle = MemoryHandle(name, endpoint_id, ip, identity, f"mem-{name}", f"lxc{endpoint_id}",
-                              1000 + endpoint_id)
+        handle = MapHandle(name, endpoint_id, ip, identity, f"map-{name}", f"lxc{endpoint_id}",
+                           self.ifindex)
         self.handles[name] = handle
         return handle
 
     def adopt(self, name: str, ip, identity: int):
-        return None  # nothing survives a restart in memory
+        return None  # nothing of it survives a restart
 
     def set_identity(self, ip, identity: int) -> None:
-        entry = self.endpoint_map.data[ipaddress.IPv4Address(ip)]
-        entry[1] = identity
+        ep = self.endpoint_map.get(ip)
+        self.endpoint_map.upsert(ip, endpoint_id=ep.endpoint_id, ifindex=ep.ifindex,
+                                 identity=identity, flags=ep.flags)
         self.ipcache.upsert(ip, identity, SOURCE_LOCAL)
 
     def delete(self, name: str) -> int | None:
@@ -163,8 +175,8 @@ class MemoryEndpoints:
             return None
         self.endpoint_map.remove(handle.ip)
         self.ipcache.remove(handle.ip, SOURCE_LOCAL)
-        for key in [k for k in self.policy_map.data if k.endpoint_id == handle.endpoint_id]:
-            del self.policy_map.data[key]
+        for key in self.policy_map.entries(handle.endpoint_id):
+            self.policy_map.remove(key)
         return handle.endpoint_id
 
     def close(self) -> None:
@@ -175,5 +187,23 @@ def memory_backend(policy_map_max_entries: int = 65536) -> NodeBackend:
     policy_map = MemoryPolicyMap(policy_map_max_entries)
     endpoint_map = MemoryEndpointMap()
     ipcache = IPCache(MemoryIPCacheMap())
-    return NodeBackend(MemoryEndpoints(endpoint_map, ipcache, policy_map), policy_map,
+    return NodeBackend(MapEndpoints(endpoint_map, ipcache, policy_map), policy_map,
                        endpoint_map, ipcache)
+
+
+def pinned_maps_backend(pin_dir: str, ifindex: int) -> NodeBackend:
+    """The pinned maps of a loaded datapath with map-only endpoints on `ifindex`."""
+    from cilium_py.datapath.maps.endpoints import EndpointMap
+    from cilium_py.datapath.maps.ipcache import IPCacheMap
+    from cilium_py.datapath.maps.policy import PolicyMap
+
+    policy_map, endpoint_map = PolicyMap(pin_dir), EndpointMap(pin_dir)
+    ipcache = IPCache(IPCacheMap(pin_dir))
+    endpoints = MapEndpoints(endpoint_map, ipcache, policy_map, ifindex)
+
+    def close():
+        for m in (policy_map, endpoint_map, ipcache.map):
+            m.close()
+
+    endpoints.close = close
+    return NodeBackend(endpoints, policy_map, endpoint_map, ipcache)

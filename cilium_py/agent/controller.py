@@ -434,21 +434,22 @@ class ControlPlane:
     def _fail_closed(self, ep: LocalEndpoint, policy) -> str:
         """After a failed write the endpoint's entries are what they were. A direction the
         new policy enforces and the old state did not would be open: it is switched to
-        enforcing with no entries of the new policy, i.e. denying everything. Says what the
-        endpoint does now."""
-        ingress = ep.ingress_enforced or policy.ingress_enforced
-        egress = ep.egress_enforced or policy.egress_enforced
-        closed = [d for d, was, now in ((INGRESS, ep.ingress_enforced, policy.ingress_enforced),
-                                        (EGRESS, ep.egress_enforced, policy.egress_enforced))
-                  if now and not was]
+        enforcing with none of the new policy's entries, i.e. denying everything. Returns
+        what the endpoint does now, in words."""
+        was = {INGRESS: ep.ingress_enforced, EGRESS: ep.egress_enforced}
+        wanted = {INGRESS: policy.ingress_enforced, EGRESS: policy.egress_enforced}
+        closed = [d for d in (INGRESS, EGRESS) if wanted[d] and not was[d]]
         if closed or not ep.has_policy:
-            self.backend.endpoint_map.set_policy_enforcement(ep.handle.ip, ingress=ingress, egress=egress)
-            ep.ingress_enforced, ep.egress_enforced = ingress, egress
+            ep.ingress_enforced = was[INGRESS] or wanted[INGRESS]
+            ep.egress_enforced = was[EGRESS] or wanted[EGRESS]
+            self.backend.endpoint_map.set_policy_enforcement(
+                ep.handle.ip, ingress=ep.ingress_enforced, egress=ep.egress_enforced)
         if not ep.has_policy:
-            return "denying all traffic"
-        if closed:
-            return f"denying all {' and '.join(closed)} traffic, previous policy kept otherwise"
-        return "previous policy kept"
+            return "denying all traffic"  # created closed, never realized
+        kept = [d for d in (INGRESS, EGRESS) if was[d]]
+        said = [f"denying all {' and '.join(closed)} traffic"] if closed else []
+        said += [f"previous {' and '.join(kept)} policy kept"] if kept else []
+        return ", ".join(said)
 
     # -- waiting ----------------------------------------------------------------------
 

@@ -55,7 +55,8 @@ class MemoryNode:
         return self.backend.policy_map.entries(ep.handle.endpoint_id)
 
     def enforcement(self, pod_key: str) -> tuple[bool, bool]:
-        return self.backend.endpoint_map.enforcement(self.endpoint(pod_key).handle.ip)
+        ep = self.backend.endpoint_map.get(self.endpoint(pod_key).handle.ip)
+        return ep.ingress_enforced, ep.egress_enforced
 
     def ipcache_identity(self, ip: str) -> int | None:
         return self.backend.ipcache.map.get(ip)
@@ -76,8 +77,7 @@ class MemoryNode:
             entries.add((pods.get(key.endpoint_id, f"orphan:{key.endpoint_id}"), self._peer(key.identity),
                          key.direction, key.protocol, key.port, key.port_prefix, value.deny,
                          repo.cookie_key(value.cookie) if value.cookie else None))
-        enforcement = {key: self.backend.endpoint_map.enforcement(ep.handle.ip)
-                       for key, ep in self.control.endpoints.items()}
+        enforcement = {key: self.enforcement(key) for key in self.control.endpoints}
         # Pod addresses come from IPAM in allocation order: named by their pod instead.
         by_ip = {f"{ep.handle.ip}/32": f"pod:{key}" for key, ep in self.control.endpoints.items()}
         ipcache = {by_ip.get(str(prefix), str(prefix)): self._peer(identity)

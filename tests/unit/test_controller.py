@@ -72,7 +72,7 @@ def test_policy_over_budget_keeps_previous_policy_and_reports(node, tmp_path):
     small.sync()
     a = small.endpoint("x/a")
     assert a.state == NOT_READY
-    assert "--bpf-policy-map-max" in a.error and "previous policy kept" in a.error
+    assert "--bpf-policy-map-max" in a.error and "previous ingress policy kept" in a.error
     assert small.entries("x/a") == before          # nothing half-written
     assert small.enforcement("x/a") == (True, False)
     assert small.control.failed_endpoints()["x/a"] == a.error
