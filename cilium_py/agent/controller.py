@@ -459,6 +459,11 @@ class ControlPlane:
     def wait_for_revision(self, revision: int, timeout: float) -> bool:
         return self.reconciler.wait_for_revision(revision, timeout)
 
+    def endpoint_states(self) -> dict[str, int]:
+        with self._lock:
+            states = [ep.state for ep in self.endpoints.values()]
+        return {state: states.count(state) for state in set(states)}
+
     def failed_endpoints(self) -> dict[str, str]:
         """Endpoints that do not enforce the current policy, with the reason."""
         with self._lock:

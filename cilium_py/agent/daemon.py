@@ -178,6 +178,7 @@ class Agent:
             self.metrics = AgentMetrics(
                 cfg.datapath.pin_dir,
                 endpoint_count_fn=lambda: len(self.control.endpoints) if self.control else 0,
+                endpoint_states_fn=lambda: self.control.endpoint_states() if self.control else {},
                 lost_fn=self._lost_counts)
             observers.append(self.metrics.observe_flow)
             self._serve_metrics("agent", cfg.prometheus_address, self.metrics.registry)
