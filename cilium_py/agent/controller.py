@@ -144,9 +144,9 @@ class ControlPlane:
     def _on_change(self, event: str, old: Resource | None, new: Resource | None) -> None:
         res = new or old
         if res.kind in POLICY_KINDS:
-            with self._lock:
-                affected = self._on_policy(event, res)
-            self.reconciler.mark(SELECTORS, *affected)
+            # Not under the regeneration lock: the repository has its own, and a store
+            # worker must not wait out a long pass.
+            self.reconciler.mark(SELECTORS, *self._on_policy(event, res))
         elif res.kind == "Pod":
             self.reconciler.mark(PODS, f"{res.namespace}/{res.name}")
         elif res.kind == "Namespace":
