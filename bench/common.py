@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import statistics
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -59,13 +60,18 @@ def stop_process(proc, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def delete_endpoints(manager, names) -> None:
-    """Best-effort teardown: one endpoint failing to go must not keep the rest."""
-    for name in names:
-        try:
-            manager.delete(name)
-        except Exception as e:  # noqa: BLE001
-            print(f"  cleanup: endpoint {name}: {e}")
+def wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
+    """Returns once a TCP socket listens on `port` in namespace `ns` (a server this
+    benchmark started, iperf3's say, which prints nothing when it is ready)."""
+    from cilium_py.datapath import netns
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = netns.run(ns, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on TCP {port} in {ns} after {timeout:g} s")
 
 
 def median(values) -> float:

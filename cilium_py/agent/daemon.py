@@ -25,6 +25,7 @@ from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.paths import RunPaths
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.wiring import kpr_status, start_services
@@ -72,20 +73,8 @@ class AgentConfig:
     maglev_hash_seed: str = DEFAULT_SEED
 
     @property
-    def run_state_dir(self) -> str:
-        return os.path.join(self.run_dir, self.datapath.node)
-
-    @property
-    def monitor_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "monitor.sock")
-
-    @property
-    def ready_file(self) -> str:
-        return os.path.join(self.run_state_dir, "agent.ready")
-
-    @property
-    def api_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "ciliumpy.sock")
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir, self.datapath.node)
 
 
 class Agent:
@@ -94,7 +83,7 @@ class Agent:
         self.loaded = None
         self.gc: ConntrackGC | None = None
         self.reader: EventReader | None = None
-        self.monitor = MonitorServer(config.monitor_socket)
+        self.monitor = MonitorServer(config.paths.monitor_socket)
         self.start_seconds = 0.0
         self.reattached = 0
         self.started_at = time.time()
@@ -102,7 +91,7 @@ class Agent:
         self.source = None
         self.control = None
         self.services = None
-        self.api = APIServer(config.api_socket, self)
+        self.api = APIServer(config.paths.api_socket, self)
         self.hubble: Hubble | None = None
         self.metrics = None
         self._metrics_servers = []
@@ -117,8 +106,8 @@ class Agent:
             raise AgentError(f"node namespace {cfg.node_netns!r} is the machine's root network "
                              f"namespace; the agent never attaches programs there")
         started = time.monotonic()
-        if os.path.exists(cfg.ready_file):
-            os.unlink(cfg.ready_file)
+        if os.path.exists(cfg.paths.ready_file):
+            os.unlink(cfg.paths.ready_file)
         self.loaded = loader.load(cfg.datapath)
         self._register_node_addresses()
         manager = EndpointManager(cfg.datapath, cfg.node_netns)
@@ -143,7 +132,7 @@ class Agent:
         self.reader.start()
         self.api.start()
         self.start_seconds = time.monotonic() - started
-        with open(cfg.ready_file, "w") as f:
+        with open(cfg.paths.ready_file, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.info("agent for node %s ready in %.2fs (%d endpoints re-attached)",
                  cfg.datapath.node, self.start_seconds, self.reattached)
@@ -157,13 +146,22 @@ class Agent:
         self.control = ControlPlane(ControlPlaneConfig(
             datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
             pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips),
-            self.store)
+            self.store, hooks=self._endpoint_hooks())
         self.source = ManifestsSource(cfg.manifests, self.store)
         self.control.source_errors_fn = lambda: self.source.errors
         self.source.sync_once()
         self.control.start()
         self.services = start_services(cfg, self.store, self.control)
         self.source.start()
+
+    def _endpoint_hooks(self):
+        """In lab mode each pod gets a listener standing in for its containers; the lab
+        owns that, so it is imported only then."""
+        if not self.config.lab:
+            return None
+        from cilium_py.lab.listeners import LabListeners
+
+        return LabListeners(self.config.paths.listeners)
 
     def _start_observability(self) -> None:
         """Prometheus metrics and Hubble. The agent's policy-verdict counter and the Hubble
@@ -306,8 +304,8 @@ class Agent:
 
     def stop(self) -> None:
         """Stops the agent's threads. Programs stay attached and maps stay pinned."""
-        if os.path.exists(self.config.ready_file):
-            os.unlink(self.config.ready_file)
+        if os.path.exists(self.config.paths.ready_file):
+            os.unlink(self.config.paths.ready_file)
         self.api.stop()
         if self.source:
             self.source.stop()
