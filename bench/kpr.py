@@ -60,7 +60,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import TOKEN, Result, bpf_root, median, stop_process, wait_listening
+from bench.common import TOKEN, Result, bpf_root, iperf, median, stop_process
 from cilium_py.lab import wire
 
 NODE_NAME = "benchkpr"
@@ -692,27 +692,6 @@ def _program_iptables(routers: Routers, n: int, backends: int, adds: int) -> dic
 
 # -- 3. NodePort throughput -----------------------------------------------------------------------
 
-def _iperf(server_ns: str, client_ns: str, ip: str, port: int, seconds: int) -> float:
-    server = _popen(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], cpu=1,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(server_ns, IPERF_PORT)
-        proc = _popen(client_ns, ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J"],
-                      cpu=0, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = proc.communicate(timeout=seconds + 20)
-        except subprocess.TimeoutExpired:
-            stop_process(proc, timeout=2)
-            raise RuntimeError(f"iperf3 to {ip}:{port} hung")
-        data = json.loads(out or "{}")
-        if proc.returncode != 0 or "error" in data:
-            raise RuntimeError(f"iperf3 to {ip}:{port}: {data.get('error') or err.strip()}")
-        server.wait(timeout=10)
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        stop_process(server, timeout=5)
-
-
 # -- the benchmark ----------------------------------------------------------------------------------
 
 def _fmt_rate(r: float) -> str:
@@ -863,7 +842,8 @@ def run(quick: bool = False) -> list[Result]:
         try:
             for _ in range(np_rounds):
                 for arm, (ip,) in np_targets.items():
-                    np_out[arm].append(_iperf(pods["b"].netns, node.ext_netns, ip, NODE_PORT, np_seconds))
+                    np_out[arm].append(iperf(pods["b"].netns, node.ext_netns, ip, np_seconds,
+                                              server_port=IPERF_PORT, port=NODE_PORT))
         except Exception as e:  # noqa: BLE001 - reported in the row, the rest still counts
             np_error = f"{type(e).__name__}: {e}"
 

@@ -18,12 +18,10 @@ events, so it stands in for "off", and the no-programs arm bounds it.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import time
 
-from bench.common import Result, bpf_root, median, stop_process, wait_listening
+from bench.common import Result, bpf_root, iperf, median
 
 NODE_NAME = "bench"
 NODE_INDEX = 201
@@ -31,26 +29,6 @@ PORT = 5201
 CLIENT_ID, SERVER_ID = 1000, 1001
 ROUNDS = 8
 SECONDS = 2
-
-
-def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
-    """One client/server pair; returns received Gbit/s."""
-    from cilium_py.datapath import netns
-
-    server = netns.popen(server_ns, ["taskset", "-c", "1", "iperf3", "-s", "-1", "-p", str(PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(server_ns, PORT)
-        res = netns.run(client_ns, ["taskset", "-c", "0", "iperf3", "-c", server_ip, "-p", str(PORT),
-                                    "-t", str(seconds), "-J"],
-                        capture_output=True, text=True, timeout=seconds + 20)
-        data = json.loads(res.stdout or "{}")
-        if res.returncode != 0 or "error" in data:
-            raise RuntimeError(f"iperf3 client failed: {data.get('error') or res.stderr.strip()}")
-        server.wait(timeout=10)
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        stop_process(server, timeout=5)
 
 
 def _wait_drained(reader, quiet: float = 0.2, timeout: float = 10.0) -> None:
@@ -136,7 +114,7 @@ def run(quick: bool = False) -> list[Result]:
                     raise RuntimeError("programs are not in the state this round needs")
                 got0, none0, lost0 = agent.reader.received, none_reader.received, lost_map.total()
                 cpu0 = _thread_cpu_seconds(none_reader._thread)
-                out.append(_iperf(client.netns, server.netns, str(server.ip), seconds))
+                out.append(iperf(server.netns, client.netns, str(server.ip), seconds, server_port=PORT))
                 if loaded is loaded_none:
                     _wait_drained(none_reader)  # no backlog parsed into the next round
                     none_events.append(none_reader.received - none0)

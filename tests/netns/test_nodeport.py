@@ -221,6 +221,7 @@ def np_lab(request, privileged, unique, tmp_path_factory):
 
 @pytest.fixture
 def lab(np_lab):
+    """The mode's lab with no services or NAT entries left by the test before."""
     np_lab.clear_services()
     yield np_lab
     np_lab.clear_services()
