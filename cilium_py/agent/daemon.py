@@ -59,7 +59,7 @@ class AgentConfig:
     manifests: str = ""             # directory of YAML the manifests source watches
     pod_cidr: str = ""              # this node's pod addresses (manifests mode)
     router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
-    state_dir: str = ""             # identities, IPAM, listeners; survives restarts
+    state_dir: str = ""             # identities, IPAM; survives restarts and reboots
     lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
     hubble: HubbleConfig = field(default_factory=HubbleConfig)
     prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)

@@ -155,9 +155,14 @@ def _close_loaded(agent) -> None:
 
 
 def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
         proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _remove_namespaces(node: LabNode) -> None:

@@ -231,12 +231,6 @@ class Lab:
         """Stops the lab's agent; programs, maps, pods and listeners stay. Returns whether it ran."""
         return stop_pid(self._info()["agent_pid"])
 
-    def agent_log_tail(self, lines: int = 25) -> str:
-        path = self.paths.agent_log
-        if not path.exists():
-            return ""
-        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
-
     def wait_realized(self, timeout: float = 60.0) -> dict:
         """Waits until every endpoint realizes the policy revision the agent has now."""
         client = self.client(timeout + 5)
