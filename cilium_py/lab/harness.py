@@ -50,6 +50,7 @@ class RunningNode:
         self.paths = RunPaths(run_dir, node.name)
         self.agent = None  # AgentProcess, or the in-process cilium_py.agent.daemon.Agent
         self.pods: dict[str, EndpointHandle] = {}
+        self.listeners: list[subprocess.Popen] = []
         self._stack = stack
         self._manager: EndpointManager | None = None
 
@@ -72,6 +73,7 @@ class RunningNode:
         """A listener in namespace `ns`, stopped at teardown."""
         proc = start_listener(ns, name, tcp, udp, detached=detached)
         self._stack.callback(_terminate, proc)
+        self.listeners.append(proc)
         return proc
 
     def add_endpoint(self, name: str, spec: PodSpec, n: int | None = None) -> EndpointHandle:
