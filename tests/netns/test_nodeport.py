@@ -221,10 +221,10 @@ def np_lab(request, privileged, unique, tmp_path_factory):
 
 @pytest.fixture
 def lab(np_lab):
-    """The mode's lab with no services or NAT entries left by the test before."""
+    """The mode's lab with no services or NAT entries: what a test leaves goes with the
+    next test's clear, or with the mode's node at the end of the module."""
     np_lab.clear_services()
-    yield np_lab
-    np_lab.clear_services()
+    return np_lab
 
 
 # -- tests -----------------------------------------------------------------------------------
