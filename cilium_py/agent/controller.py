@@ -23,15 +23,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 
 from cilium_py.agent.backend import NodeBackend, kernel_backend
 from cilium_py.agent.endpoints import EndpointHandle
 from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.hooks import EndpointHooks
 from cilium_py.agent.identity import IdentityAllocator
 from cilium_py.agent.ipam import IPAM
 from cilium_py.agent.ipcache import SOURCE_GENERATED
@@ -43,7 +41,6 @@ from cilium_py.agent.policy.resolve import NAMESPACE_KEY, EndpointContext, PeerI
 from cilium_py.agent.policy.selector import IN
 from cilium_py.agent.reconcile import ControllerStatus, Reconciler
 from cilium_py.agent.store import Resource, Store
-from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.vocab import EGRESS, INGRESS, K8S_PROTOCOLS, POLICY_KINDS, TCP
 
@@ -78,7 +75,7 @@ class ControlPlaneConfig:
     router_ip: str
     pod_cidr: str
     state_dir: str
-    lab: bool = False          # start listeners for containerPorts and adopt pods without nodeName
+    lab: bool = False          # adopt pods without nodeName (their listeners: the lab's hooks)
     node_ips: tuple = ()
     policy_map_max: int = 16384  # --bpf-policy-map-max: entries one endpoint may have
 
@@ -101,9 +98,11 @@ def pod_ports(pod: Resource) -> tuple[dict, list]:
 
 
 class ControlPlane:
-    def __init__(self, config: ControlPlaneConfig, store: Store, backend: NodeBackend | None = None):
+    def __init__(self, config: ControlPlaneConfig, store: Store, backend: NodeBackend | None = None,
+                 hooks: EndpointHooks | None = None):
         self.config = config
         self.store = store
+        self.hooks = hooks or EndpointHooks()
         os.makedirs(config.state_dir, exist_ok=True)
         self.identities = IdentityAllocator(os.path.join(config.state_dir, "identities.json"))
         self.ipam = IPAM(config.pod_cidr, reserved=[config.router_ip],
@@ -347,13 +346,12 @@ class ControlPlane:
             raise
         self.endpoints[key] = LocalEndpoint(key, handle, labels, identity, named, ports)
         self._by_namespace.setdefault(pod.namespace, set()).add(key)
-        if self.config.lab:
-            self._start_listener(key, handle, ports)
+        self.hooks.endpoint_created(key, handle, ports)
 
     def _remove_endpoint(self, key: str) -> None:
         ep = self.endpoints.pop(key)
         self._by_namespace.get(key.split("/")[0], set()).discard(key)
-        self._stop_listener(key)
+        self.hooks.endpoint_removed(key)
         self._delete_endpoint(key)
         self._release_identity(ep)
         self.ipam.release(key)
@@ -364,7 +362,7 @@ class ControlPlane:
         self.identities.release(ep.labels)
 
     def _remove_stale(self, key: str) -> None:
-        self._stop_listener(key)
+        self.hooks.endpoint_removed(key)
         self._delete_endpoint(key)
         self.ipam.release(key)
 
@@ -469,43 +467,6 @@ class ControlPlane:
         with self._lock:
             return {k: ep.error for k, ep in sorted(self.endpoints.items()) if ep.state != READY}
 
-    # -- lab listeners ----------------------------------------------------------------
-
-    def _pidfile(self, key: str) -> str:
-        return os.path.join(self.config.state_dir, "listeners", key.replace("/", "_") + ".pid")
-
-    def _start_listener(self, key: str, handle: EndpointHandle, ports: list) -> None:
-        pidfile = self._pidfile(key)
-        if os.path.exists(pidfile) and _alive(_read_pid(pidfile)):
-            return  # started by an earlier agent; it keeps serving across the restart
-        args = [sys.executable, "-m", "cilium_py.lab.listener", "--name", key]
-        for port, proto in ports:
-            if proto in ("TCP", "UDP"):
-                args += [f"--{proto.lower()}", str(port)]
-        if len(args) == 5:
-            return
-        # A session of its own: the listener outlives an agent restart, as a container would.
-        proc = netns.popen(handle.netns, args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           start_new_session=True, text=True)
-        # The pod counts as ready once its ports listen, so `lab up` never returns into
-        # connections refused by a listener still importing Python.
-        ready = proc.stdout.readline().strip() == "ready"
-        proc.stdout.close()
-        if not ready:
-            raise RuntimeError(f"listener for {key} exited before listening (ports {ports})")
-        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
-        with open(pidfile, "w") as f:
-            f.write(str(proc.pid))
-
-    def _stop_listener(self, key: str) -> None:
-        pidfile = self._pidfile(key)
-        if not os.path.exists(pidfile):
-            return
-        pid = _read_pid(pidfile)
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-        os.unlink(pidfile)
-
     # -- views for the API ------------------------------------------------------------
 
     def endpoint_views(self) -> list[dict]:
@@ -535,21 +496,3 @@ class ControlPlane:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

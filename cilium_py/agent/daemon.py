@@ -27,6 +27,7 @@ from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.paths import RunPaths
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.wiring import kpr_status, start_services
@@ -60,7 +61,7 @@ class AgentConfig:
     manifests: str = ""             # directory of YAML the manifests source watches
     pod_cidr: str = ""              # this node's pod addresses (manifests mode)
     router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
-    state_dir: str = ""             # identities, IPAM, listeners; survives restarts
+    state_dir: str = ""             # identities, IPAM; survives restarts and reboots
     lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
     hubble: HubbleConfig = field(default_factory=HubbleConfig)
     prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)
@@ -74,20 +75,8 @@ class AgentConfig:
     maglev_hash_seed: str = DEFAULT_SEED
 
     @property
-    def run_state_dir(self) -> str:
-        return os.path.join(self.run_dir, self.datapath.node)
-
-    @property
-    def monitor_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "monitor.sock")
-
-    @property
-    def ready_file(self) -> str:
-        return os.path.join(self.run_state_dir, "agent.ready")
-
-    @property
-    def api_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "ciliumpy.sock")
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir, self.datapath.node)
 
 
 class Agent:
@@ -96,7 +85,7 @@ class Agent:
         self.loaded = None
         self.gc: ConntrackGC | None = None
         self.reader: EventReader | None = None
-        self.monitor = MonitorServer(config.monitor_socket)
+        self.monitor = MonitorServer(config.paths.monitor_socket)
         self.start_seconds = 0.0
         self.reattached = 0
         self.started_at = time.time()
@@ -104,7 +93,7 @@ class Agent:
         self.source = None
         self.control = None
         self.services = None
-        self.api = APIServer(config.api_socket, self)
+        self.api = APIServer(config.paths.api_socket, self)
         self.hubble: Hubble | None = None
         self.metrics = None
         self._metrics_servers = []
@@ -120,8 +109,8 @@ class Agent:
             raise AgentError(f"node namespace {cfg.node_netns!r} is the machine's root network "
                              f"namespace; the agent never attaches programs there")
         started = time.monotonic()
-        if os.path.exists(cfg.ready_file):
-            os.unlink(cfg.ready_file)
+        if os.path.exists(cfg.paths.ready_file):
+            os.unlink(cfg.paths.ready_file)
         self.loaded = loader.load(cfg.datapath)
         self._register_node_addresses()
         manager = EndpointManager(cfg.datapath, cfg.node_netns)
@@ -146,7 +135,7 @@ class Agent:
         self.reader.start()
         self.api.start()
         self.start_seconds = time.monotonic() - started
-        with open(cfg.ready_file, "w") as f:
+        with open(cfg.paths.ready_file, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.info("agent for node %s ready in %.2fs (%d endpoints re-attached)",
                  cfg.datapath.node, self.start_seconds, self.reattached)
@@ -161,13 +150,23 @@ class Agent:
             datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
             pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips,
             policy_map_max=cfg.datapath.policy_map_max),
-            self.store, kernel_backend(cfg.datapath, cfg.node_netns, cfg.router_ip, self.ipcache))
+            self.store, kernel_backend(cfg.datapath, cfg.node_netns, cfg.router_ip, self.ipcache),
+            hooks=self._endpoint_hooks())
         self.source = ManifestsSource(cfg.manifests, self.store)
         self.control.source_errors_fn = lambda: self.source.errors
         self.source.sync_once()
         self.control.start()
         self.services = start_services(cfg, self.store, self.control)
         self.source.start()
+
+    def _endpoint_hooks(self):
+        """In lab mode each pod gets a listener standing in for its containers; the lab
+        owns that, so it is imported only then."""
+        if not self.config.lab:
+            return None
+        from cilium_py.lab.listeners import LabListeners
+
+        return LabListeners(self.config.paths.listeners)
 
     def _start_observability(self) -> None:
         """Prometheus metrics and Hubble. The agent's policy-verdict counter and the Hubble
@@ -314,8 +313,8 @@ class Agent:
 
     def stop(self) -> None:
         """Stops the agent's threads. Programs stay attached and maps stay pinned."""
-        if os.path.exists(self.config.ready_file):
-            os.unlink(self.config.ready_file)
+        if os.path.exists(self.config.paths.ready_file):
+            os.unlink(self.config.paths.ready_file)
         self.api.stop()
         if self.source:
             self.source.stop()

@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
+from cilium_py.agent.paths import pod_netns
 from cilium_py.datapath import attach, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.loader import open_pinned_program
@@ -84,7 +85,7 @@ class EndpointManager:
         self.policy = PolicyMap(config.pin_dir)
 
     def pod_netns(self, name: str) -> str:
-        return f"{self.node_netns}-pod-{name}"
+        return pod_netns(self.node_netns, name)
 
     def _allocate_id(self) -> int:
         used = {e.endpoint_id for e in self.endpoints.list()}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
 from cilium_py import defaults
 from cilium_py.agent.daemon import Agent, AgentConfig, AgentError
 from cilium_py.agent.hubble import HubbleConfig
+from cilium_py.agent.paths import RunPaths
 from cilium_py.hubble.ring import DEFAULT_CAPACITY, MAX_CAPACITY
 from cilium_py.datapath.config import (AGGREGATION_LEVELS, EVENT_BACKENDS, LB_ACCELERATIONS,
                                        NO_BACKEND_RESPONSES, DatapathConfig)
@@ -201,7 +201,7 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
                          node_ips=tuple(node_ips), manifests=manifests, pod_cidr=pod_cidr,
                          router_ip=router_ip, state_dir=state_dir, lab=lab,
                          hubble=_hubble_config(enable_hubble, hubble_socket_path or
-                                               os.path.join(run_dir, "hubble.sock"),
+                                               RunPaths(run_dir, node).hubble_socket,
                                                hubble_listen_address, hubble_event_buffer_capacity,
                                                hubble_metrics, hubble_metrics_server),
                          prometheus_address=prometheus_serve_addr,
