@@ -5,15 +5,18 @@ affinity, terminating backends, Maglev, derived endpoints, restarts and bad inpu
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import PodAddresses
-from cilium_py.agent.services.ids import IDAllocator, IDExhausted
+from cilium_py.agent.services.allocators import IDAllocator, IDExhausted
 from cilium_py.agent.services.maglev import build_table
-from cilium_py.agent.services.manager import ServiceManager, _slot_order
+from cilium_py.agent.services.diff import slot_order as _slot_order
+from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import MemoryWriter
 from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath.maps.lb import (
@@ -53,13 +56,14 @@ class LocalPods(PodAddresses):
 
 
 class Cluster:
-    def __init__(self, **config):
+    def __init__(self, resync_interval=300.0, **config):
         self.store = Store()
         self.writer = MemoryWriter()
         self.pods = LocalPods()
         defaults = {"node": NODE, "node_ips": (NODE_IP,), "derive_endpoint_slices": True}
         self.config = ServiceConfig(**{**defaults, **config})
-        self.manager = ServiceManager(self.store, self.writer, self.config, pods=self.pods)
+        self.manager = ServiceManager(self.store, self.writer, self.config, pods=self.pods,
+                                      resync_interval=resync_interval)
 
     def close(self):
         self.manager.stop()
@@ -127,6 +131,17 @@ class Cluster:
 
     def rejected(self):
         return self.manager.problems()["rejected"]
+
+
+def poll(condition, timeout: float) -> bool:
+    """True once `condition()` holds, False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.02)
+    return True
 
 
 @pytest.fixture
@@ -708,15 +723,14 @@ def test_drift_is_repaired_from_the_maps(cluster):
     fe = next(k for k in cluster.writer.services if k[1] == 2)
     del cluster.writer.services[fe]
     cluster.writer.backends.pop(entry.backend_ids[0])
-    cluster.manager._needs_restore = True  # what the loop does every resync_interval
+    cluster.manager.repair_from_maps()  # what the loop does every resync_interval
     changes = cluster.sync()
     assert cluster.entry("10.96.0.10", 80) == entry
     assert (len(changes.slots), len(changes.backends), changes.maglev) == (1, 1, [])  # the table is known
 
 
 def test_resync_interval_triggers_a_repair():
-    c = Cluster()
-    c.manager.resync_interval = 0.05
+    c = Cluster(resync_interval=0.05)
     c.service()
     c.endpoints(["10.244.1.5"])
     c.store.wait_idle(5)
@@ -724,10 +738,6 @@ def test_resync_interval_triggers_a_repair():
     assert c.manager.wait_for_revision(c.manager.revision, 10)
     c.writer.services.clear()
     syncs = c.manager.syncs
-    import time
-
-    deadline = time.monotonic() + 10
-    while c.entry("10.96.0.10", 80) is None and time.monotonic() < deadline:
-        c.manager._wake.wait(0.05)
-    assert c.entry("10.96.0.10", 80) is not None and c.manager.syncs > syncs
+    assert poll(lambda: c.entry("10.96.0.10", 80) is not None, 10)
+    assert c.manager.syncs > syncs
     c.close()
