@@ -6,21 +6,12 @@ change, and the resync hook runs when nothing changes."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from cilium_py.agent.reconcile import RETRY_MAX, RETRY_MIN, Backoff, PermanentError, Reconciler
 
-
-def poll(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.01)
-    return True
+from .waiting import poll
 
 
 class Recorder:

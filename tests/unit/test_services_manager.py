@@ -5,17 +5,13 @@ affinity, terminating backends, Maglev, derived endpoints, restarts and bad inpu
 from __future__ import annotations
 
 import ipaddress
-import threading
-import time
 
 import numpy as np
 import pytest
 
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import PodAddresses
-from cilium_py.agent.services.allocators import IDAllocator, IDExhausted
 from cilium_py.agent.services.maglev import build_table
-from cilium_py.agent.services.diff import slot_order as _slot_order
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import MemoryWriter
 from cilium_py.agent.store import Resource, Store
@@ -36,6 +32,8 @@ from cilium_py.datapath.maps.lb import (
     SVC_F_TWO_SCOPES,
     frontend,
 )
+
+from .waiting import poll
 
 NODE = "n1"
 NODE_IP = "10.245.1.1"
@@ -131,17 +129,6 @@ class Cluster:
 
     def rejected(self):
         return self.manager.problems()["rejected"]
-
-
-def poll(condition, timeout: float) -> bool:
-    """True once `condition()` holds, False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.02)
-    return True
 
 
 @pytest.fixture
@@ -266,15 +253,6 @@ def test_slots_keep_their_positions(cluster):
     assert changes.backend_deletes == [ids["10.244.1.2"]]
 
 
-def test_slot_order():
-    assert _slot_order([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]
-    assert _slot_order([1, 2, 3], [1, 3]) == [1, 3]
-    assert _slot_order([1, 2, 3, 4], [2, 3]) == [3, 2]
-    assert _slot_order([1, 2, 3], [1, 3, 5]) == [1, 5, 3]
-    assert _slot_order([1, 2, 3, 4, 5], [1, 5, 6]) == [1, 6, 5]
-    assert _slot_order([1, 2], []) == []
-
-
 def test_service_deleted_removes_frontends_revnat_and_unshared_backends(cluster):
     cluster.service(name="a", clusterIP="10.96.0.1")
     cluster.service(name="b", clusterIP="10.96.0.2")
@@ -290,20 +268,6 @@ def test_service_deleted_removes_frontends_revnat_and_unshared_backends(cluster)
 
 
 # -- IDs -----------------------------------------------------------------------------------
-
-def test_backend_ids_are_shared_and_reused_only_after_going_round():
-    ids = IDAllocator("backend", 1, 5)
-    a = ids.acquire("a")
-    assert ids.acquire("a") == a == 1
-    b = ids.acquire("b")
-    assert ids.release("a") == 1
-    assert ids.acquire("c") == 3  # not 1: a released ID waits until the counter goes round
-    ids.acquire("d"), ids.acquire("e")
-    assert ids.acquire("f") == 1  # wrapped, 1 was free again
-    with pytest.raises(IDExhausted, match="all 5 backend IDs are in use"):
-        ids.acquire("g")
-    assert b == 2
-
 
 def test_backend_id_per_address_port_protocol_across_services(cluster):
     cluster.service(name="a", clusterIP="10.96.0.1")
@@ -655,6 +619,24 @@ def test_full_services_map_rejects_with_a_clear_error():
     c.delete("Service", "a")
     c.sync()
     assert c.frontends() == [("10.96.0.2", 80, TCP, 0)]
+    c.close()
+
+
+def test_full_backends_map_rejects_with_a_clear_error():
+    c = Cluster(lb_map_max=4)
+    gone = {"ready": False, "serving": True, "terminating": True}  # a backend, but no slot
+    c.service(name="a", clusterIP="10.96.0.1")
+    c.endpoints(["10.244.1.1", ("10.244.1.2", gone), ("10.244.1.9", gone)], service="a")
+    c.service(name="b", clusterIP="10.96.0.2")
+    c.endpoints(["10.244.1.3", ("10.244.1.4", gone)], service="b")
+    c.sync()
+    assert c.frontends() == [("10.96.0.1", 80, TCP, 0)]
+    [err] = c.rejected()
+    assert err["object"] == "Service shop/b"
+    assert "backends map is full: 3 of 4 backends used and this object adds 2" in err["message"]
+    c.delete("Service", "a")
+    c.sync()
+    assert c.frontends() == [("10.96.0.2", 80, TCP, 0)] and c.rejected() == []
     c.close()
 
 

@@ -408,23 +408,24 @@ class ServiceManager:
             return False
         grow = new.entry_count() - (old.entry_count() if old else 0)
         if self._entry_count + grow > self.config.lb_map_max:
-            self._reject(owner, old, [ValidationError(
-                self._source(owner), describe(owner), "",
-                f"the services map is full: {self._entry_count} of {self.config.lb_map_max} entries "
-                f"used and this object needs {new.entry_count()} (raise --bpf-lb-map-max)")])
-            self._blocked[owner] = {("capacity",)}
-            return False
+            return self._reject_full(owner, old, f"the services map is full: {self._entry_count} of "
+                                     f"{self.config.lb_map_max} entries used and this object needs "
+                                     f"{new.entry_count()}")
         new_backends = sum(1 for k in new.backends if k not in self._backend_refs)
         if len(self._backend_refs) + new_backends > self.config.lb_map_max:
-            self._reject(owner, old, [ValidationError(
-                self._source(owner), describe(owner), "",
-                f"the backends map is full: {len(self._backend_refs)} of {self.config.lb_map_max} "
-                f"backends used and this object adds {new_backends} (raise --bpf-lb-map-max)")])
-            self._blocked[owner] = {("capacity",)}
-            return False
+            return self._reject_full(owner, old, f"the backends map is full: {len(self._backend_refs)} of "
+                                     f"{self.config.lb_map_max} backends used and this object adds "
+                                     f"{new_backends}")
         self._errors.pop(owner, None)
         self._blocked.pop(owner, None)
         return new
+
+    def _reject_full(self, owner: Owner, old: OwnerPlan | None, message: str) -> bool:
+        """Rejects a plan the maps have no room for; it is retried when room is released."""
+        self._reject(owner, old, [ValidationError(self._source(owner), describe(owner), "",
+                                                  f"{message} (raise --bpf-lb-map-max)")])
+        self._blocked[owner] = {("capacity",)}
+        return False
 
     def _reject(self, owner: Owner, old: OwnerPlan | None, errors: list[ValidationError]) -> None:
         if old is not None:
