@@ -102,6 +102,9 @@ def _gc_paused():
 
 
 class ServiceManager:
+    """One node's Services: store events in, lb map writes out (through `writer`), views
+    and problems for the API. Thread-safe: passes and views take one lock."""
+
     def __init__(self, store: Store, writer: LBWriter, config: ServiceConfig,
                  pods: PodAddresses | None = None, socket_lb: bool = False,
                  acceleration: str = "disabled", resync_interval: float = 300.0):
@@ -289,7 +292,7 @@ class ServiceManager:
             meta = res.body.get("metadata") or {}
             parsed = ParsedPod(PodInfo.from_resource(res), *pod_host_ports(res, self.config),
                                str(meta.get("creationTimestamp") or ""))
-        else:
+        elif res.kind == "Node":
             parsed = []
             for addr in ((res.body.get("status") or {}).get("addresses") or []):
                 if isinstance(addr, dict) and addr.get("type") in ("InternalIP", "ExternalIP"):
@@ -297,6 +300,8 @@ class ServiceManager:
                         parsed.append(str(ipaddress.IPv4Address(addr.get("address"))))
                     except ValueError:
                         continue
+        else:
+            raise ValueError(f"the service manager reads no {res.kind} objects")
         self._parsed[res.key] = (res, parsed)
         return parsed
 
