@@ -191,13 +191,13 @@ def test_node_object_addresses_carry_node_ports_too(cluster):
         cluster.store.upsert(Resource("Node", None, name, {}, body, "node.yaml"))
 
     cluster.service(type="NodePort", ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}])
-    node(NODE, ("InternalIP", "10.245.1.2"), ("ExternalIP", "192.0.2.7"), ("Hostname", "10.9.9.9"),
+    node(NODE, ("InternalIP", "10.245.1.2"), ("ExternalIP", "10.245.9.7"), ("Hostname", "10.9.9.9"),
          ("InternalIP", "not-an-ip"), ("InternalIP", NODE_IP))
     node("n2", ("InternalIP", "10.245.2.1"))  # another node's addresses are not ours
     cluster.sync()
     node_ports = sorted(fe[0] for fe in cluster.frontends() if fe[1] == 30080)
-    assert node_ports == ["0.0.0.0", "10.245.1.1", "10.245.1.2", "192.0.2.7"]
-    assert cluster.manager.status()["node_port_addresses"] == [NODE_IP, "10.245.1.2", "192.0.2.7"]
+    assert node_ports == ["0.0.0.0", "10.245.1.1", "10.245.1.2", "10.245.9.7"]
+    assert cluster.manager.status()["node_port_addresses"] == [NODE_IP, "10.245.1.2", "10.245.9.7"]
     node(NODE, ("InternalIP", "10.245.1.2"))  # an address went: its frontends go with it
     cluster.sync()
     assert sorted(fe[0] for fe in cluster.frontends() if fe[1] == 30080) == ["0.0.0.0", "10.245.1.1", "10.245.1.2"]
