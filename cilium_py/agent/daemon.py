@@ -25,6 +25,7 @@ from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.nodeview import AgentNodeView
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.wiring import kpr_status, start_services
@@ -104,6 +105,7 @@ class Agent:
         self.services = None
         self.api = APIServer(config.api_socket, self)
         self.hubble: Hubble | None = None
+        self.node_view: AgentNodeView | None = None  # what Hubble knows of this node
         self.metrics = None
         self._metrics_servers = []
         self.metrics_addresses: dict[str, str] = {}
@@ -182,8 +184,10 @@ class Agent:
             observers.append(flow_metrics.process)
             self._serve_metrics("hubble", cfg.hubble.metrics_address, flow_metrics.registry)
         if cfg.hubble.enabled:
-            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir, self.control,
-                                 flow_observers=observers)
+            self.node_view = AgentNodeView.over_pinned_ipcache(
+                cfg.datapath.pin_dir, control=self.control, services=self.services)
+            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir,
+                                 node_view=self.node_view, flow_observers=observers)
             self.hubble.start()
 
     def _serve_metrics(self, name: str, address: str, registry) -> None:
@@ -230,13 +234,11 @@ class Agent:
 
         pin = self.config.datapath.pin_dir
         pressure = {}
-        tables = ConntrackTables(pin)
-        try:
+        # The GC and Hubble keep these open for the agent's lifetime: status borrows their fds.
+        with ConntrackTables.shared(pin) as tables:
             for table in (tables.tcp, tables.any):
                 pressure[table.NAME] = round(len(table.items()) / table.max_entries, 4)
-        finally:
-            tables.close()
-        with EventsLostMap(pin) as lost:
+        with EventsLostMap.shared(pin) as lost:
             events_lost = lost.total()
         control = self.control
         controllers = {}
@@ -265,16 +267,12 @@ class Agent:
         }
 
     def _register_node_addresses(self) -> None:
-        endpoints = EndpointMap(self.config.datapath.pin_dir)
-        ipcache = IPCacheMap(self.config.datapath.pin_dir)
-        try:
+        pin = self.config.datapath.pin_dir
+        with EndpointMap.shared(pin) as endpoints, IPCacheMap.shared(pin) as ipcache:
             for ip in self.config.node_ips:
                 ipcache.upsert(ip, IDENTITY_HOST)
                 endpoints.upsert(ip, endpoint_id=0, ifindex=0, identity=IDENTITY_HOST,
                                  flags=ENDPOINT_F_HOST)
-        finally:
-            endpoints.close()
-            ipcache.close()
 
     def _attach_socket_lb(self) -> None:
         """Socket LB on the cgroup root: the new programs attached before the old ones go
@@ -321,6 +319,8 @@ class Agent:
             self.reader.stop()
         if self.hubble:
             self.hubble.stop()
+        if self.node_view:
+            self.node_view.close()
         for server in self._metrics_servers:
             server.stop()
         if self.gc:
