@@ -171,3 +171,32 @@ def test_a_dropped_handle_is_released_by_the_garbage_collector(pin):
     assert opened() == 1
     del handle
     assert opened() == 0
+
+
+def test_a_replaced_pin_is_opened_anew_and_the_old_map_stays_with_its_handles(bpf_root):
+    """A datapath pinned again at the same place (a new map behind the same path): new
+    users get the new map, handles on the old one keep it until they close."""
+    root = os.path.join(bpf_root, "shared-replaced")
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, EventsLostMap.NAME)
+
+    def pin_new_map() -> int:
+        fd = libbpf.map_create(2, "cpy_shared_test", 4, 8, 1)  # an array, as the layout wants
+        try:
+            libbpf.obj_pin(fd, path)
+            return libbpf.map_info(fd).id
+        finally:
+            os.close(fd)
+
+    first_id = pin_new_map()
+    old = EventsLostMap.shared(root)
+    try:
+        os.unlink(path)
+        second_id = pin_new_map()
+        with EventsLostMap.shared(root) as new:
+            assert libbpf.map_info(new.fd).id == second_id
+            assert libbpf.map_info(old.fd).id == first_id and fds_on(first_id) == 1
+    finally:
+        old.close()
+        os.unlink(path)
+    assert fds_on(first_id) == fds_on(second_id) == 0

@@ -80,8 +80,26 @@ def numpy_dtype(struct: type):
 class _SharedFd:
     """One process-wide open of a pinned map and the number of handles using it."""
 
-    first: "BpfMap"   # the handle that opened it; the others are copies of it
+    first: BpfMap     # the handle that opened it; the others are copies of it
+    pin_inode: int    # of the pin when it was opened
     users: int = 0
+
+    @classmethod
+    def open(cls, map_cls: type, root: str, args: tuple) -> _SharedFd:
+        first = map_cls(root, *args)
+        try:
+            return cls(first, os.stat(first.path).st_ino)
+        except OSError:
+            first.close()
+            raise
+
+    def still_pinned(self) -> bool:
+        """False once the pin was removed or replaced (a new datapath pinned a new map
+        there): new users then get the map the pin names now."""
+        try:
+            return os.stat(self.first.path).st_ino == self.pin_inode
+        except OSError:
+            return False
 
 
 # (map class, pin directory, extra constructor arguments) -> the open shared by handles.
@@ -101,7 +119,7 @@ os.register_at_fork(after_in_child=_reset_shared_lock_in_child)
 
 
 def shared_open_count() -> int:
-    """How many pinned maps this process holds open through `shared()` (for tests, status)."""
+    """How many pinned maps this process holds open through `shared()` (for tests)."""
     with _shared_lock:
         return len(_shared)
 
@@ -117,6 +135,7 @@ class BpfMap:
     VALUE: type
     PERCPU = False
     _lease: _SharedFd | None = None  # set on handles from shared()
+    _shared_key: tuple = ()
 
     @classmethod
     def shared(cls, root: str, *args):
@@ -124,14 +143,16 @@ class BpfMap:
 
         Every call returns a new handle (an instance of `cls`) and counts one more user of
         the fd; `close()` on a handle counts one less, and the last close closes the fd, so
-        the next `shared()` opens the pin again. Handles are independent objects: closing
-        one twice, or using it after closing, never affects the others. Extra arguments go
-        to the constructor and are part of what is shared (MaglevMap's table size)."""
+        the next `shared()` opens the pin again (as it does when the pin was replaced
+        meanwhile). Handles are independent objects: closing one twice, or using one after
+        closing it, never affects the others. Extra arguments go to the constructor and are
+        part of what is shared (MaglevMap's table size)."""
         key = (cls, os.path.abspath(root), args)
         with _shared_lock:
             entry = _shared.get(key)
-            if entry is None:
-                entry = _SharedFd(cls(root, *args))
+            if entry is None or not entry.still_pinned():
+                # A replaced entry stays open for the handles it has; their last close ends it.
+                entry = _SharedFd.open(cls, root, args)
                 _shared[key] = entry
             entry.users += 1
             handle = copy.copy(entry.first)
