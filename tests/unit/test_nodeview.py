@@ -71,7 +71,7 @@ def test_answers_from_the_control_plane_services_and_ipcache():
     assert v.endpoint_by_ip(POD_IP) == EndpointInfo(
         POD_ID, POD_IDENTITY, "shop", "web-1", ("k8s:app=web", "k8s:io.kubernetes.pod.namespace=shop"))
     assert v.endpoint_by_ip(PEER_IP) is None
-    assert v.identity_by_ip(PEER_IP) == PEER_IDENTITY and v.identity_by_ip("192.0.2.1") == 0
+    assert v.identity_by_ip(PEER_IP) == PEER_IDENTITY and v.identity_by_ip("10.250.0.1") == 0
     assert v.identity_labels(PEER_IDENTITY) == ("k8s:app=db",)
     assert v.identity_labels(1) == ("reserved:host",) and v.identity_labels(99999) == ()
     assert v.policy_by_cookie(ALLOW_COOKIE) == PolicyRef("allow-web", "shop", "CiliumNetworkPolicy")
