@@ -58,7 +58,7 @@ def numpy_dtype(struct: type):
     numpy reads the layout from the ctypes type itself, so the two cannot drift apart; the
     checks here turn a mirror numpy cannot express (bit fields, say) into an error naming it
     instead of a silently different layout."""
-    import numpy as np  # the CLI and the datapath tier use the maps without numpy
+    import numpy as np  # here, not at the top: most map users (the CLI) never need numpy
 
     if not (isinstance(struct, type) and issubclass(struct, (ctypes.Structure, ctypes.Union))):
         raise TypeError(f"numpy_dtype: {struct!r} is not a ctypes Structure or Union")
