@@ -197,8 +197,8 @@ def pinned_maps_backend(pin_dir: str, ifindex: int) -> NodeBackend:
     from cilium_py.datapath.maps.ipcache import IPCacheMap
     from cilium_py.datapath.maps.policy import PolicyMap
 
-    policy_map, endpoint_map = PolicyMap(pin_dir), EndpointMap(pin_dir)
-    ipcache = IPCache(IPCacheMap(pin_dir))
+    policy_map, endpoint_map = PolicyMap.shared(pin_dir), EndpointMap.shared(pin_dir)
+    ipcache = IPCache(IPCacheMap.shared(pin_dir))
     endpoints = MapEndpoints(endpoint_map, ipcache, policy_map, ifindex)
 
     def close():
