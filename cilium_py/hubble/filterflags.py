@@ -45,6 +45,7 @@ from google.protobuf import json_format
 
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
+from cilium_py.hubble.filters import L4_FIELDS
 
 # `--all` asks for "everything in the ring": a number larger than any ring. Not 2**64-1:
 # the server slices Python lists with it and 2**63 is still a valid uint64.
@@ -91,7 +92,7 @@ TRACE_POINTS = {
     "from-endpoint": 5, "from-proxy": 6, "from-host": 7, "from-stack": 8, "from-overlay": 9,
     "from-network": 10, "to-network": 11, "from-crypto": 12, "to-crypto": 13,
 }
-PROTOCOLS = ("tcp", "udp", "icmp", "icmpv4", "icmpv6", "sctp")
+PROTOCOLS = tuple(L4_FIELDS)  # what the server's protocol filter accepts
 TCP_FLAG_NAMES = tuple(f.name for f in F.TCPFlags.DESCRIPTOR.fields)
 VERDICTS = tuple(n for n in F.Verdict.keys() if n != "VERDICT_UNKNOWN")
 DROP_REASONS = tuple(n for n in F.DropReason.keys() if n != "DROP_REASON_UNKNOWN")
