@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Protocol names are shared with the agent and the CLI; this module re-exports the one
-# helper its callers have always imported from here.
-from cilium_py.vocab import protocol_name  # noqa: F401
+from cilium_py import vocab
+
+# Protocol names are shared with the agent and the CLI (cilium_py/vocab.py); kept here for
+# the callers that have always imported the helper from this module.
+protocol_name = vocab.protocol_name
 
 
 class DropReason(NamedTuple):

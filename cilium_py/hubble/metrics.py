@@ -22,13 +22,6 @@ _FORWARDED = flow_pb2.FORWARDED
 _DROPPED = flow_pb2.DROPPED
 _REDIRECTED = flow_pb2.REDIRECTED
 
-# Cilium's monitor observation-point names; the datapath's own table wins where it has one.
-_TRACE_POINT_NAMES = {
-    0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack", 4: "to-overlay",
-    5: "from-endpoint", 6: "from-proxy", 7: "from-host", 8: "from-stack", 9: "from-overlay",
-    10: "from-network", 11: "to-network", 12: "from-crypto", 13: "to-crypto",
-    **TRACE_POINTS,
-}
 
 # gopacket's names, which is what Hubble's icmp metric reports.
 _ICMPV4_TYPES = {
@@ -142,7 +135,7 @@ class FlowHandler(_Handler):
         inc = self._incs.get(key)
         if inc is None:
             flow_type, event_type, sub_type, _ = key
-            subtype = _TRACE_POINT_NAMES.get(sub_type, str(sub_type)) if event_type == EVENT_TRACE else ""
+            subtype = TRACE_POINTS.get(sub_type, str(sub_type)) if event_type == EVENT_TRACE else ""
             inc = self.flows.labels(_enum_name(flow_pb2.FlowType, flow_type), subtype,
                                     _enum_name(flow_pb2.Verdict, verdict)).inc
             self._incs[key] = inc

@@ -27,9 +27,8 @@ from cilium_py.agent.policy.selector import (
     PolicyError,
     requirement,
 )
+from cilium_py import vocab
 from cilium_py.vocab import (
-    CILIUM_CLUSTERWIDE_NETWORK_POLICY as CCNP,
-    CILIUM_NETWORK_POLICY as CNP,
     CILIUM_PROTOCOLS,
     EGRESS,
     ICMP,
@@ -38,6 +37,9 @@ from cilium_py.vocab import (
     NETWORK_POLICY,
     POLICY_KINDS as KINDS,
 )
+
+# The short names the policy package and its tests use for the Cilium kinds.
+CNP, CCNP = vocab.CILIUM_NETWORK_POLICY, vocab.CILIUM_CLUSTERWIDE_NETWORK_POLICY
 
 MAX_PORTS = 40
 MAX_ICMP_FIELDS = 40
