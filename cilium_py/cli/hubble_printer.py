@@ -32,6 +32,7 @@ from cilium_py.datapath.reasons import DROP_DESCRIPTIONS, MATCH_TYPES, MESSAGE_T
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
 from cilium_py.hubble.api.relay import relay_pb2
+from cilium_py.hubble.filters import PORTED_L4_FIELDS
 from cilium_py.vocab import RESERVED_IDENTITY_NAMES
 
 FORMATS = ("compact", "dict", "json", "jsonpb", "table")
@@ -80,7 +81,7 @@ def format_time(ts, tz=None) -> str:
 
 def _ports(flow: F.Flow) -> tuple[int, int]:
     kind = flow.l4.WhichOneof("protocol")
-    if kind in ("TCP", "UDP", "SCTP"):
+    if kind in PORTED_L4_FIELDS:
         layer = getattr(flow.l4, kind)
         return layer.source_port, layer.destination_port
     return 0, 0

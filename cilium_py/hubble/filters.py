@@ -26,6 +26,8 @@ Check = Callable[[F.Flow], bool]
 # A FlowFilter's protocol spellings -> the Flow.l4 oneof member they select.
 L4_FIELDS = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMPv4", "icmpv4": "ICMPv4",
              "icmpv6": "ICMPv6", "sctp": "SCTP"}
+# The Flow.l4 members that carry source_port and destination_port.
+PORTED_L4_FIELDS = frozenset({"TCP", "UDP", "SCTP"})
 
 
 class FilterError(ValueError):
@@ -167,7 +169,7 @@ def _ports(field: str, values: Sequence[str]) -> set[int]:
 
 def _l4_ports(flow: F.Flow) -> tuple[int, int]:
     kind = flow.l4.WhichOneof("protocol")
-    if kind in ("TCP", "UDP", "SCTP"):
+    if kind in PORTED_L4_FIELDS:
         layer = getattr(flow.l4, kind)
         return layer.source_port, layer.destination_port
     return -1, -1

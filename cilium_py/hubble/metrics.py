@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from cilium_py.datapath.maps.events import EVENT_TRACE
 from cilium_py.datapath.reasons import TRACE_POINTS, drop_reason_name
 from cilium_py.hubble.api.flow import flow_pb2
+from cilium_py.hubble.filters import PORTED_L4_FIELDS
 
 _FORWARDED = flow_pb2.FORWARDED
 _DROPPED = flow_pb2.DROPPED
@@ -40,7 +41,6 @@ _ICMPV6_TYPES = {
 _ICMP = {"ICMPv4": ("IPv4", _ICMPV4_TYPES), "ICMPv6": ("IPv6", _ICMPV6_TYPES)}
 
 # Layer4 oneof member names double as Hubble's protocol label values.
-_PORTED = frozenset({"TCP", "UDP", "SCTP"})
 _UNKNOWN_PROTOCOL = "Unknown flow"  # Hubble's FlowProtocol() for flows without L4
 
 _TCP_FLAG_NAMES = tuple(f.name for f in flow_pb2.TCPFlags.DESCRIPTOR.fields)
@@ -171,7 +171,7 @@ class PortDistributionHandler(_Handler):
                              "destination port", ["protocol", "port"], registry=registry)
 
     def process(self, flow, verdict, l4, proto):
-        if (verdict != _FORWARDED and verdict != _REDIRECTED) or proto not in _PORTED:
+        if (verdict != _FORWARDED and verdict != _REDIRECTED) or proto not in PORTED_L4_FIELDS:
             return
         if not flow.HasField("is_reply") or flow.is_reply.value:
             return

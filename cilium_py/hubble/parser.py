@@ -3,10 +3,11 @@
 The parser reads the raw `struct event` bytes (bpf/lib/events.h) with one precompiled
 struct, derived from the ctypes mirror's offsets, instead of going through the mirror and
 MonitorEvent: at 100k events/s every microsecond per record is a tenth of a core. The
-captured packet is decoded by the monitor's own L3/L4 decoder (datapath/packet.py). Names come from an Enricher (the
-agent's endpoints, identities, policies and services); what it returns is cached per
-address until its `generation` changes, so a steady stream of flows between the same
-pods costs dictionary lookups, not label formatting.
+captured packet goes through the decoder the monitor uses too (datapath/packet.py).
+
+Names come from an Enricher (the agent's endpoints, identities, policies and services);
+what it returns is cached per address until its `generation` changes, so a steady stream
+of flows between the same pods costs dictionary lookups, not label formatting.
 """
 
 from __future__ import annotations
