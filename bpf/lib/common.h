@@ -40,6 +40,7 @@
 #define METRIC_DIR_UNKNOWN 0
 #define METRIC_DIR_INGRESS 1
 #define METRIC_DIR_EGRESS 2
+#define METRIC_DIR_SERVICE 3 /* Cilium's service-translation drops; none counted here yet */
 
 #define CT_EGRESS 0
 #define CT_INGRESS 1

@@ -24,20 +24,6 @@
 /* struct ipv4_ct_tuple, TUPLE_F_*, and the CT sizes the NAT map follows */
 #include "conntrack.h"
 
-/* Reasons this header returns (reference §5), defined here when drop_reasons.h lacks them. */
-#ifndef DROP_WRITE_ERROR
-#define DROP_WRITE_ERROR 141
-#endif
-#ifndef DROP_CSUM_L3
-#define DROP_CSUM_L3 153
-#endif
-#ifndef DROP_CSUM_L4
-#define DROP_CSUM_L4 154
-#endif
-#ifndef DROP_NAT_NO_MAPPING
-#define DROP_NAT_NO_MAPPING 167
-#endif
-
 /* As in Cilium: NAT entries <= 2/3 of the conntrack entries (TCP + other). */
 #ifndef SNAT_MAP_SIZE
 #define SNAT_MAP_SIZE ((CT_MAP_SIZE_TCP + CT_MAP_SIZE_ANY) * 2 / 3)

@@ -54,13 +54,6 @@
 #include "lb.h"
 #include "nat.h"
 
-#ifndef DROP_NO_SERVICE
-#define DROP_NO_SERVICE 158 /* SERVICE_BACKEND_NOT_FOUND */
-#endif
-#ifndef DROP_FIB_LOOKUP
-#define DROP_FIB_LOOKUP 169 /* FIB_LOOKUP_FAILED */
-#endif
-
 /* --service-no-backend-response: 0 reject (ICMP), 1 drop. */
 #ifndef SERVICE_NO_BACKEND_DROP
 #define SERVICE_NO_BACKEND_DROP 0

@@ -34,16 +34,15 @@ from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.wiring import kpr_status, start_services
 from cilium_py.agent.sources.manifests import ManifestsSource
 from cilium_py.agent.store import Store
-from cilium_py.datapath import attach, loader, netns
+from cilium_py.datapath import attach, loader, netns, programs
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.endpoints import ENDPOINT_F_HOST, EndpointMap
 from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.datapath.monitor import EventDecodeError, EventReader, decode
 from cilium_py.hubble.metrics import HubbleMetrics
+from cilium_py.vocab import IDENTITY_HOST
 
 log = logging.getLogger(__name__)
-
-IDENTITY_HOST = 1
 
 
 class AgentError(RuntimeError):
@@ -308,9 +307,8 @@ class Agent:
                 found = ipr.link_lookup(ifname=dev)
                 if not found:
                     raise AgentError(f"device {dev} not found in namespace {self.config.node_netns}")
-                attach.attach_xdp(ipr, found[0], self.loaded.fd("cil_xdp_entry"), self.config.xdp_mode)
-                # bpf_host.c: NodePort/LoadBalancer for what enters the node, their replies leaving it.
-                for prog, direction in (("cil_from_netdev", attach.INGRESS), ("cil_to_netdev", attach.EGRESS)):
+                attach.attach_xdp(ipr, found[0], self.loaded.fd(programs.DEVICE_XDP_PROGRAM), self.config.xdp_mode)
+                for prog, direction in programs.DEVICE_TC_PROGRAMS:
                     attach.attach_tc(ipr, found[0], self.loaded.fd(prog), direction, prog)
 
     def stop(self) -> None:

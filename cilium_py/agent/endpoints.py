@@ -31,12 +31,13 @@ from cilium_py.datapath.maps.endpoints import (
 )
 from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.datapath.maps.policy import PolicyMap
+from cilium_py.datapath.programs import ENDPOINT_TC_PROGRAMS
 
 log = logging.getLogger(__name__)
 
 MAX_ENDPOINT_ID = 65535
 POD_IFNAME = "eth0"
-PROGRAMS = (("cil_from_container", attach.INGRESS), ("cil_to_container", attach.EGRESS))
+PROGRAMS = ENDPOINT_TC_PROGRAMS
 
 
 class EndpointError(RuntimeError):

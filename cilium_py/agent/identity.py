@@ -27,16 +27,16 @@ import threading
 from collections.abc import Container, Mapping
 
 from cilium_py.agent.labels import RESERVED, SOURCE_CIDR, Labels, labels_key, reserved_id
+from cilium_py.vocab import (
+    ACTIVE_RESERVED_IDENTITIES as ACTIVE_RESERVED,
+    FIRST_CLUSTER_IDENTITY as MIN_CLUSTER_ID,
+    LOCAL_IDENTITY_SCOPE as LOCAL_SCOPE,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_CLUSTER_ID = 256
 MAX_CLUSTER_ID = 65535
-LOCAL_SCOPE = 1 << 24
-MAX_LOCAL_INDEX = (1 << 24) - 1
-# The datapath and policy know reserved identities 1-7; 8-11 exist in Cilium for
-# features we do not have (ingress, dual-stack world, encrypted overlay).
-ACTIVE_RESERVED = range(1, 8)
+MAX_LOCAL_INDEX = LOCAL_SCOPE - 1
 
 STATE_VERSION = 1
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from cilium_py import vocab
+
 Labels = dict[str, str]
 
 SOURCE_K8S = "k8s"
@@ -45,29 +47,17 @@ _DROPPED_DOMAINS = ("kubernetes.io", "k8s.io")
 _KEPT_DOMAINS = ("app.kubernetes.io",)
 
 # id -> name; `reserved:<name>` is the identity's only label.
-RESERVED_NAMES: dict[int, str] = {
-    1: "host",
-    2: "world",
-    3: "unmanaged",
-    4: "health",
-    5: "init",
-    6: "remote-node",
-    7: "kube-apiserver",
-    8: "ingress",
-    9: "world-ipv4",
-    10: "world-ipv6",
-    11: "overlay-to-encrypt",
-}
+RESERVED_NAMES = vocab.RESERVED_IDENTITY_NAMES
 RESERVED: dict[int, Labels] = {i: {f"{SOURCE_RESERVED}:{n}": ""} for i, n in RESERVED_NAMES.items()}
-RESERVED_IDS: dict[str, int] = {n: i for i, n in RESERVED_NAMES.items()}
+RESERVED_IDS = vocab.RESERVED_IDENTITY_IDS
 
-HOST = RESERVED_IDS["host"]
-WORLD = RESERVED_IDS["world"]
-UNMANAGED = RESERVED_IDS["unmanaged"]
-HEALTH = RESERVED_IDS["health"]
-INIT = RESERVED_IDS["init"]
-REMOTE_NODE = RESERVED_IDS["remote-node"]
-KUBE_APISERVER = RESERVED_IDS["kube-apiserver"]
+HOST = vocab.IDENTITY_HOST
+WORLD = vocab.IDENTITY_WORLD
+UNMANAGED = vocab.IDENTITY_UNMANAGED
+HEALTH = vocab.IDENTITY_HEALTH
+INIT = vocab.IDENTITY_INIT
+REMOTE_NODE = vocab.IDENTITY_REMOTE_NODE
+KUBE_APISERVER = vocab.IDENTITY_KUBE_APISERVER
 
 
 def _domain(key: str) -> str:

@@ -14,7 +14,7 @@ from cilium_py.datapath.maps.metrics import MetricsMap
 from cilium_py.datapath.maps.nat import NatMap
 from cilium_py.datapath.maps.policy import PolicyMap
 from cilium_py.datapath.maps.prefilter import PrefilterMap
-from cilium_py.datapath.reasons import protocol_name
+from cilium_py.vocab import protocol_name
 
 
 @click.group()

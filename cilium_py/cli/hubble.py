@@ -1,7 +1,7 @@
 """The `hubble` command: flows, status and nodes from a Hubble Observer server.
 
-Thin click commands: flag translation lives in cilium_py.hubble.filterflags, output in
-cilium_py.hubble.printer. This module only dials, calls and turns failures into one-line
+Thin click commands: flag translation lives in cilium_py.cli.hubble_filterflags, output in
+cilium_py.cli.hubble_printer. This module only dials, calls and turns failures into one-line
 errors (click exceptions: exit 1 for runtime errors, 2 for bad flags).
 
 Server address: `--server`, else $HUBBLE_SERVER, else DEFAULT_SERVER (the agent's socket).
@@ -24,7 +24,8 @@ import grpc
 from google.protobuf import json_format
 
 from cilium_py import __version__
-from cilium_py.hubble import filterflags, printer
+from cilium_py.cli import hubble_filterflags as filterflags
+from cilium_py.cli import hubble_printer as printer
 from cilium_py.hubble.api.observer import observer_pb2 as O
 from cilium_py.hubble.api.observer import observer_pb2_grpc
 

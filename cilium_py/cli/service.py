@@ -21,13 +21,13 @@ from cilium_py.datapath.maps.lb import (
     ServicesMap,
     flag_names,
 )
+from cilium_py.vocab import protocol_name
 
-PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP"}
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 
 
 def _addr(address, port, proto) -> str:
-    return f"{address}:{port}/{PROTOCOLS.get(proto, proto)}"
+    return f"{address}:{port}/{protocol_name(proto)}"
 
 
 # -- ciliumpy service ----------------------------------------------------------------------

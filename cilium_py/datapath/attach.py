@@ -16,9 +16,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cilium_py.datapath import libbpf
+from cilium_py.datapath.programs import CGROUP_HOOKS, SOCK_LB_PROGRAMS
+from cilium_py.datapath.programs import TC_EGRESS as EGRESS
+from cilium_py.datapath.programs import TC_INGRESS as INGRESS
 
-INGRESS = "ingress"
-EGRESS = "egress"
 CLSACT_PARENT = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}
 FILTER_PRIO = 1
 FILTER_HANDLE = 1
@@ -90,17 +91,6 @@ def xdp_program_id(ipr: IPRoute, ifindex: int) -> int:
 # and only then detaches the ones it replaces (found by name), so sockets of the cgroup are
 # never without a translation. Removing the cgroup detaches everything on it.
 
-# enum bpf_attach_type (include/uapi/linux/bpf.h)
-BPF_CGROUP_INET4_CONNECT = 10
-BPF_CGROUP_UDP4_SENDMSG = 14
-BPF_CGROUP_UDP4_RECVMSG = 19
-BPF_CGROUP_INET4_GETPEERNAME = 29
-SOCK_LB_PROGRAMS = {
-    "cil_sock4_connect": BPF_CGROUP_INET4_CONNECT,
-    "cil_sock4_sendmsg": BPF_CGROUP_UDP4_SENDMSG,
-    "cil_sock4_recvmsg": BPF_CGROUP_UDP4_RECVMSG,
-    "cil_sock4_getpeername": BPF_CGROUP_INET4_GETPEERNAME,
-}
 BPF_OBJ_NAME_LEN = 16  # the kernel keeps the first 15 characters of a program's name
 
 
@@ -242,9 +232,6 @@ def cgroup_program_names(path: str) -> dict[str, list[str]]:
     cg_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         return {hook: [n for _, n in _attached(cg_fd, attach_type)]
-                for hook, attach_type in (("connect4", BPF_CGROUP_INET4_CONNECT),
-                                          ("sendmsg4", BPF_CGROUP_UDP4_SENDMSG),
-                                          ("recvmsg4", BPF_CGROUP_UDP4_RECVMSG),
-                                          ("getpeername4", BPF_CGROUP_INET4_GETPEERNAME))}
+                for hook, attach_type in CGROUP_HOOKS.items()}
     finally:
         os.close(cg_fd)

@@ -18,31 +18,12 @@ from pathlib import Path
 from cilium_py.datapath import libbpf
 from cilium_py.datapath.bcc_import import import_bcc
 from cilium_py.datapath.config import DatapathConfig
+from cilium_py.datapath.programs import ENTRY_FILES, PROGRAMS
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-ENTRY_FILES = ("bpf_lxc.c", "bpf_xdp.c", "bpf_host.c", "bpf_sock.c")
 BPFFS_MAGIC = 0xCAFE4A11
-
-# program name -> (BCC program type name, expected attach type or -1). cgroup socket
-# programs must name their hook (BPF_CGROUP_INET4_CONNECT...) when they are loaded.
-PROGRAMS = {
-    # bpf_lxc.c
-    "cil_from_container": ("SCHED_CLS", -1),
-    "cil_to_container": ("SCHED_CLS", -1),
-    # bpf_xdp.c
-    "cil_xdp_entry": ("XDP", -1),
-    # bpf_host.c
-    "cil_from_netdev": ("SCHED_CLS", -1),
-    "cil_to_netdev": ("SCHED_CLS", -1),
-    # bpf_sock.c (enum bpf_attach_type: BPF_CGROUP_INET4_CONNECT 10, BPF_CGROUP_UDP4_SENDMSG 14,
-    # BPF_CGROUP_UDP4_RECVMSG 19, BPF_CGROUP_INET4_GETPEERNAME 29)
-    "cil_sock4_connect": ("CGROUP_SOCK_ADDR", 10),
-    "cil_sock4_sendmsg": ("CGROUP_SOCK_ADDR", 14),
-    "cil_sock4_recvmsg": ("CGROUP_SOCK_ADDR", 19),
-    "cil_sock4_getpeername": ("CGROUP_SOCK_ADDR", 29),
-}
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -137,12 +118,13 @@ def load(config: DatapathConfig, pin_programs: bool = True) -> LoadedDatapath:
     except Exception as e:
         raise DatapathError(f"compiling {', '.join(ENTRY_FILES)} failed: {e}") from e
     loaded = LoadedDatapath(config=config, bpf=bpf)
-    for name, (kind, attach_type) in PROGRAMS.items():
+    for prog in PROGRAMS:
         try:
-            loaded.prog_fds[name] = bpf.load_func(name.encode(), getattr(bcc.BPF, kind),
-                                                  attach_type=attach_type).fd
+            loaded.prog_fds[prog.name] = bpf.load_func(
+                prog.name.encode(), getattr(bcc.BPF, prog.prog_type),
+                attach_type=prog.attach_type).fd
         except Exception as e:
-            raise DatapathError(f"the kernel rejected {name}: {e}") from e
+            raise DatapathError(f"the kernel rejected {prog.name}: {e}") from e
     loaded.compile_seconds = time.monotonic() - started
     if pin_programs:
         pin_loaded_programs(loaded)

@@ -9,13 +9,12 @@ them to the monitor relay and to Hubble's parser (cilium_py/hubble/parser.py).
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import logging
-import struct
 import threading
 from dataclasses import asdict, dataclass, field
 
 from cilium_py.datapath import reasons
+from cilium_py.datapath.packet import PORT_PROTOCOLS, decode_l3l4
 from cilium_py.datapath.ringbuf import RingBufferConsumer
 from cilium_py.datapath.maps.events import (
     EVENT_DROP,
@@ -26,6 +25,7 @@ from cilium_py.datapath.maps.events import (
     PV_MATCH_SHIFT,
     EventRecord,
 )
+from cilium_py.vocab import ICMP, protocol_name
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ class PacketSummary:
     icmp_code: int | None = None
 
     def line(self) -> str:
-        proto = reasons.protocol_name(self.protocol).lower()
-        if self.protocol == 1:
+        proto = protocol_name(self.protocol).lower()
+        if self.protocol == ICMP:
             return f"{self.src_ip} -> {self.dst_ip} icmp type {self.icmp_type} code {self.icmp_code}"
-        if self.protocol in (6, 17, 132):
+        if self.protocol in PORT_PROTOCOLS:
             flags = (" " + ", ".join(self.tcp_flags)) if self.tcp_flags else ""
             return f"{self.src_ip}:{self.src_port} -> {self.dst_ip}:{self.dst_port} {proto}{flags}"
         return f"{self.src_ip} -> {self.dst_ip} {proto}"
@@ -61,21 +61,17 @@ class PacketSummary:
 
 def summarize_packet(data: bytes) -> PacketSummary:
     """Best effort over a capture that may be cut short: fills what the bytes hold."""
-    summary = PacketSummary()
-    if len(data) < 34 or data[12:14] != b"\x08\x00":
-        return summary
-    ihl = (data[14] & 0x0F) * 4
-    summary.protocol = data[23]
-    summary.src_ip = str(ipaddress.IPv4Address(data[26:30]))
-    summary.dst_ip = str(ipaddress.IPv4Address(data[30:34]))
-    l4 = 14 + ihl
-    if summary.protocol in (6, 17, 132) and len(data) >= l4 + 4:
-        summary.src_port, summary.dst_port = struct.unpack_from("!HH", data, l4)
-        if summary.protocol == 6 and len(data) >= l4 + 14:
-            flags = data[l4 + 13]
-            summary.tcp_flags = [name for bit, name in TCP_FLAG_NAMES if flags & bit]
-    elif summary.protocol == 1 and len(data) >= l4 + 2:
-        summary.icmp_type, summary.icmp_code = data[l4], data[l4 + 1]
+    decoded = decode_l3l4(data)
+    if decoded is None:
+        return PacketSummary()
+    src, dst, proto, sport, dport, tcp_flags, icmp_type, icmp_code = decoded
+    summary = PacketSummary(src_ip=src, dst_ip=dst, protocol=proto)
+    if proto in PORT_PROTOCOLS and sport >= 0:
+        summary.src_port, summary.dst_port = sport, dport
+        if tcp_flags >= 0:
+            summary.tcp_flags = [name for bit, name in TCP_FLAG_NAMES if tcp_flags & bit]
+    elif icmp_type >= 0:
+        summary.icmp_type, summary.icmp_code = icmp_type, icmp_code
     return summary
 
 

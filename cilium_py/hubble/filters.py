@@ -23,8 +23,11 @@ from cilium_py.hubble.api.flow import flow_pb2 as F
 
 Check = Callable[[F.Flow], bool]
 
-PROTOCOL_NAMES = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMPv4", "icmpv4": "ICMPv4",
-                  "icmpv6": "ICMPv6", "sctp": "SCTP"}
+# A FlowFilter's protocol spellings -> the Flow.l4 oneof member they select.
+L4_FIELDS = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMPv4", "icmpv4": "ICMPv4",
+             "icmpv6": "ICMPv6", "sctp": "SCTP"}
+# The Flow.l4 members that carry source_port and destination_port.
+PORTED_L4_FIELDS = frozenset({"TCP", "UDP", "SCTP"})
 
 
 class FilterError(ValueError):
@@ -166,7 +169,7 @@ def _ports(field: str, values: Sequence[str]) -> set[int]:
 
 def _l4_ports(flow: F.Flow) -> tuple[int, int]:
     kind = flow.l4.WhichOneof("protocol")
-    if kind in ("TCP", "UDP", "SCTP"):
+    if kind in PORTED_L4_FIELDS:
         layer = getattr(flow.l4, kind)
         return layer.source_port, layer.destination_port
     return -1, -1
@@ -212,9 +215,9 @@ def compile_filter(flt: F.FlowFilter) -> Check:
     if flt.protocol:
         protos = set()
         for p in flt.protocol:
-            name = PROTOCOL_NAMES.get(p.lower())
+            name = L4_FIELDS.get(p.lower())
             if name is None:
-                raise FilterError(f"protocol: unknown protocol {p!r} (known: {', '.join(PROTOCOL_NAMES)})")
+                raise FilterError(f"protocol: unknown protocol {p!r} (known: {', '.join(L4_FIELDS)})")
             protos.add(name)
         checks.append(lambda f: f.l4.WhichOneof("protocol") in protos)
     if flt.source_port:

@@ -17,18 +17,12 @@ from prometheus_client import CollectorRegistry, Counter
 from cilium_py.datapath.maps.events import EVENT_TRACE
 from cilium_py.datapath.reasons import TRACE_POINTS, drop_reason_name
 from cilium_py.hubble.api.flow import flow_pb2
+from cilium_py.hubble.filters import PORTED_L4_FIELDS
 
 _FORWARDED = flow_pb2.FORWARDED
 _DROPPED = flow_pb2.DROPPED
 _REDIRECTED = flow_pb2.REDIRECTED
 
-# Cilium's monitor observation-point names; the datapath's own table wins where it has one.
-_TRACE_POINT_NAMES = {
-    0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack", 4: "to-overlay",
-    5: "from-endpoint", 6: "from-proxy", 7: "from-host", 8: "from-stack", 9: "from-overlay",
-    10: "from-network", 11: "to-network", 12: "from-crypto", 13: "to-crypto",
-    **TRACE_POINTS,
-}
 
 # gopacket's names, which is what Hubble's icmp metric reports.
 _ICMPV4_TYPES = {
@@ -47,7 +41,6 @@ _ICMPV6_TYPES = {
 _ICMP = {"ICMPv4": ("IPv4", _ICMPV4_TYPES), "ICMPv6": ("IPv6", _ICMPV6_TYPES)}
 
 # Layer4 oneof member names double as Hubble's protocol label values.
-_PORTED = frozenset({"TCP", "UDP", "SCTP"})
 _UNKNOWN_PROTOCOL = "Unknown flow"  # Hubble's FlowProtocol() for flows without L4
 
 _TCP_FLAG_NAMES = tuple(f.name for f in flow_pb2.TCPFlags.DESCRIPTOR.fields)
@@ -142,7 +135,7 @@ class FlowHandler(_Handler):
         inc = self._incs.get(key)
         if inc is None:
             flow_type, event_type, sub_type, _ = key
-            subtype = _TRACE_POINT_NAMES.get(sub_type, str(sub_type)) if event_type == EVENT_TRACE else ""
+            subtype = TRACE_POINTS.get(sub_type, str(sub_type)) if event_type == EVENT_TRACE else ""
             inc = self.flows.labels(_enum_name(flow_pb2.FlowType, flow_type), subtype,
                                     _enum_name(flow_pb2.Verdict, verdict)).inc
             self._incs[key] = inc
@@ -178,7 +171,7 @@ class PortDistributionHandler(_Handler):
                              "destination port", ["protocol", "port"], registry=registry)
 
     def process(self, flow, verdict, l4, proto):
-        if (verdict != _FORWARDED and verdict != _REDIRECTED) or proto not in _PORTED:
+        if (verdict != _FORWARDED and verdict != _REDIRECTED) or proto not in PORTED_L4_FIELDS:
             return
         if not flow.HasField("is_reply") or flow.is_reply.value:
             return

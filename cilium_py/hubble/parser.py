@@ -1,9 +1,12 @@
 """Datapath event records -> flow.Flow, enriched with what the agent knows.
 
 The parser reads the raw `struct event` bytes (bpf/lib/events.h) with one precompiled
-struct instead of going through the ctypes mirror and MonitorEvent: at 100k events/s
-every microsecond per record is a tenth of a core. Names come from a NodeView
-(cilium_py/hubble/nodeview.py: the agent's endpoints, identities, policies and services);
+struct, derived from the ctypes mirror's offsets, instead of going through the mirror and
+MonitorEvent: at 100k events/s every microsecond per record is a tenth of a core. The
+captured packet goes through the decoder the monitor uses too (datapath/packet.py).
+
+Names come from a NodeView (cilium_py/hubble/nodeview.py: the agent's endpoints,
+identities, policies and services);
 what it returns is cached per address until its `generation` changes, so a steady stream
 of flows between the same pods costs dictionary lookups, not label formatting.
 """
@@ -11,9 +14,9 @@ of flows between the same pods costs dictionary lookups, not label formatting.
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
+
+from google.protobuf.timestamp_pb2 import Timestamp as _Timestamp
 
 from cilium_py.datapath.maps.events import (
     EVENT_DROP,
@@ -22,27 +25,31 @@ from cilium_py.datapath.maps.events import (
     PV_FLAG_EGRESS,
     PV_MATCH_SHIFT,
     EventRecord,
+    record_struct,
 )
-from google.protobuf.timestamp_pb2 import Timestamp as _Timestamp
-
+from cilium_py.datapath.packet import decode_l3l4
+from cilium_py.datapath.reasons import (
+    CT_REPLY,
+    DIR_EGRESS,
+    DIR_INGRESS,
+    TRACE_FROM_ENDPOINT,
+    TRACE_TO_ENDPOINT,
+)
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.nodeview import NodeView, NullNodeView
+from cilium_py.vocab import ICMP, IDENTITY_WORLD, SCTP, TCP, UDP
 
-# The fixed part of struct event, in the C field order; the captured packet follows.
-_HEAD = struct.Struct("<BBHIIHH" "IIHBBIHBb2sBBiI")
+# The fields of struct event the parser reads, in offset order; the captured packet follows
+# the fixed part at PACKET_OFFSET.
+_HEAD = record_struct(EventRecord, ("hdr.type", "hdr.subtype", "hdr.len_cap", "src_label",
+                                    "dst_label", "reason", "flags", "ifindex", "verdict",
+                                    "cookie"))
 PACKET_OFFSET = EventRecord.data.offset
-assert _HEAD.size == PACKET_OFFSET, "struct event changed: update parser._HEAD"
-
-ETH_HLEN = 14
-ETH_P_IP = b"\x08\x00"
-DIR_INGRESS, DIR_EGRESS = 1, 2          # METRIC_DIR_* in the drop record's reason byte
-TRACE_TO_ENDPOINT, TRACE_FROM_ENDPOINT = 0, 5
-CT_REPLY = 2
 
 # Datapath observation point -> TraceObservationPoint: only to-endpoint differs (0 -> 101).
 OBSERVATION_POINTS = {TRACE_TO_ENDPOINT: F.TO_ENDPOINT, TRACE_FROM_ENDPOINT: F.FROM_ENDPOINT}
 
-IDENTITY_WORLD = 2
+_NO_PACKET = ("", "", 0, 0, 0)
 
 
 def _tcp_flags(bits: int) -> F.TCPFlags:
@@ -147,8 +154,7 @@ class Parser:
     def _parse(self, raw: bytes, now_ns: int | None = None) -> F.Flow:
         if len(raw) < PACKET_OFFSET:
             raise ParseError(f"event record of {len(raw)} bytes, need at least {PACKET_OFFSET}")
-        (kind, subtype, source, _hash, len_orig, len_cap, _version, src_label, dst_label, _dst_id,
-         reason, flags, ifindex, _line, _file, _ext, _dport, _proto, _pad, verdict,
+        (kind, subtype, len_cap, src_label, dst_label, reason, flags, ifindex, verdict,
          cookie) = _HEAD.unpack_from(raw)
         if kind not in (EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT):
             raise ParseError(f"unknown event type {kind}")
@@ -210,7 +216,7 @@ class Parser:
 
         flow.source.CopyFrom(self._endpoint(src_ip, src_label))
         flow.destination.CopyFrom(self._endpoint(dst_ip, dst_label))
-        if proto in (6, 17, 132):
+        if proto == TCP or proto == UDP or proto == SCTP:
             svc = self._service(dst_ip, dport, proto)
             if svc is not None:
                 flow.destination_service.CopyFrom(svc)
@@ -228,35 +234,31 @@ class Parser:
 
     @staticmethod
     def _layer34(flow: F.Flow, pkt: bytes) -> tuple:
-        """Fills IP and l4 from the captured bytes, as far as they go."""
-        if len(pkt) < ETH_HLEN + 20 or pkt[12:14] != ETH_P_IP:
-            return ("", "", 0, 0, 0)
-        ihl = (pkt[ETH_HLEN] & 0x0F) * 4
-        proto = pkt[ETH_HLEN + 9]
-        src = socket.inet_ntoa(pkt[26:30])
-        dst = socket.inet_ntoa(pkt[30:34])
+        """Fills IP and l4 from the captured bytes, as far as they go; returns the flow's
+        (src, dst, protocol, sport, dport), with the echo identifier as sport for ICMP echo."""
+        decoded = decode_l3l4(pkt)
+        if decoded is None:
+            return _NO_PACKET
+        src, dst, proto, sport, dport, tcp_flags, icmp_type, icmp_code = decoded
         ip = flow.IP
         ip.source, ip.destination, ip.ipVersion = src, dst, F.IPv4
-        l4 = ETH_HLEN + ihl
-        sport = dport = 0
-        if proto == 6 and len(pkt) >= l4 + 14:
-            sport, dport = struct.unpack_from("!HH", pkt, l4)
-            tcp = flow.l4.TCP
-            tcp.source_port, tcp.destination_port = sport, dport
-            tcp.flags.CopyFrom(_TCP_FLAGS[pkt[l4 + 13] | (pkt[l4 + 12] & 1) << 8])
-        elif proto == 17 and len(pkt) >= l4 + 4:
-            sport, dport = struct.unpack_from("!HH", pkt, l4)
-            udp = flow.l4.UDP
-            udp.source_port, udp.destination_port = sport, dport
-        elif proto == 132 and len(pkt) >= l4 + 4:
-            sport, dport = struct.unpack_from("!HH", pkt, l4)
-            sctp = flow.l4.SCTP
-            sctp.source_port, sctp.destination_port = sport, dport
-        elif proto == 1 and len(pkt) >= l4 + 2:
+        # Hubble reports a TCP header only when it was captured whole, with its flags.
+        if proto == TCP:
+            if tcp_flags >= 0:
+                tcp = flow.l4.TCP
+                tcp.source_port, tcp.destination_port = sport, dport
+                tcp.flags.CopyFrom(_TCP_FLAGS[tcp_flags])
+            else:
+                sport = dport = 0
+        elif proto == UDP or proto == SCTP:
+            if sport >= 0:
+                layer = flow.l4.UDP if proto == UDP else flow.l4.SCTP
+                layer.source_port, layer.destination_port = sport, dport
+            else:
+                sport = dport = 0
+        elif proto == ICMP and icmp_type >= 0:
             icmp = flow.l4.ICMPv4
-            icmp.type, icmp.code = pkt[l4], pkt[l4 + 1]
-            if pkt[l4] in (0, 8) and len(pkt) >= l4 + 6:
-                sport = struct.unpack_from("!H", pkt, l4 + 4)[0]  # echo ID, as conntrack keys it
+            icmp.type, icmp.code = icmp_type, icmp_code
         return (src, dst, proto, sport, dport)
 
     def parse_batch(self, records: list[bytes]) -> list[F.Flow]:

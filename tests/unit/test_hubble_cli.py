@@ -24,7 +24,7 @@ from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
 from cilium_py.hubble.api.observer import observer_pb2_grpc
 from cilium_py.hubble.api.relay import relay_pb2
-from cilium_py.hubble.filterflags import ALL_FLOWS
+from cilium_py.cli.hubble_filterflags import ALL_FLOWS
 
 T0 = 1714564800  # 2024-05-01T12:00:00Z
 

@@ -1,4 +1,4 @@
-"""filterflags and printer on their own: no click, no server."""
+"""The hubble CLI's filterflags and printer on their own: no click, no server."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from cilium_py.hubble import filterflags as ff
-from cilium_py.hubble import printer
+from cilium_py.cli import hubble_filterflags as ff
+from cilium_py.cli import hubble_printer as printer
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
 from cilium_py.hubble.api.relay import relay_pb2

@@ -147,6 +147,23 @@ def test_truncated_packet_still_gives_a_flow():
     assert flow.IP.source == "" and not flow.l4.WhichOneof("protocol")
 
 
+def _captured(raw: bytes, length: int) -> bytes:
+    cut = bytearray(raw[:PACKET_OFFSET + length])
+    struct.pack_into("<H", cut, 12, length)  # len_cap
+    return bytes(cut)
+
+
+@pytest.mark.parametrize("name,length,l4", [
+    ("udp_to_world", 14 + 20 + 4, "UDP"),   # the ports are all UDP needs
+    ("udp_to_world", 14 + 20 + 3, None),
+    ("allowed_egress_tcp", 14 + 20 + 14, "TCP"),
+    ("allowed_egress_tcp", 14 + 20 + 13, None),  # a TCP header counts only with its flags
+])
+def test_l4_is_reported_only_when_captured(name, length, l4):
+    flow = Parser("node-a").parse(_captured(RECORDS[name][0], length))
+    assert flow.IP.source and flow.l4.WhichOneof("protocol") == l4
+
+
 def test_flow_round_trips_through_bytes_and_json():
     for flows in map(parse, RECORDS):
         for flow in flows:

@@ -2,8 +2,15 @@ import ctypes
 
 import pytest
 
-from cilium_py.datapath.maps.events import EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventRecord
+from cilium_py.datapath.maps.events import (
+    EVENT_DROP,
+    EVENT_POLICY_VERDICT,
+    EVENT_TRACE,
+    EventRecord,
+    record_struct,
+)
 from cilium_py.datapath.monitor import EventDecodeError, decode, summarize_packet
+from cilium_py.datapath.packet import decode_l3l4
 
 # Ethernet + IPv4 + TCP SYN 10.244.1.2:40000 -> 10.244.1.3:80
 TCP_SYN = bytes.fromhex(
@@ -60,3 +67,57 @@ def test_short_or_unknown_records_are_rejected():
         decode(b"\x01" * 10)
     with pytest.raises(EventDecodeError, match="unknown event type"):
         decode(record(99))
+
+
+# -- the shared L3/L4 decoder ------------------------------------------------------------------
+
+# Ethernet + IPv4 + ICMP echo request 10.244.1.2 -> 10.244.1.3, identifier 0x1234, seq 1
+ICMP_ECHO = bytes.fromhex(
+    "02000000000102000000000208004500001c00010000400100000af401020af40103"
+    "0800000012340001")
+
+
+def test_decoder_reads_a_whole_tcp_header():
+    assert decode_l3l4(TCP_SYN) == ("10.244.1.2", "10.244.1.3", 6, 40000, 80, 0x02, -1, -1)
+
+
+def test_decoder_marks_what_a_short_capture_cut_off():
+    # Ports captured, flags not; then not even the ports.
+    assert decode_l3l4(TCP_SYN[:38])[3:6] == (40000, 80, -1)
+    assert decode_l3l4(TCP_SYN[:34])[3:6] == (-1, -1, -1)
+    assert decode_l3l4(TCP_SYN[:33]) is None
+    assert decode_l3l4(TCP_SYN[:12] + b"\x86\xdd" + TCP_SYN[14:]) is None  # not IPv4
+
+
+def test_decoder_keys_icmp_echo_by_its_identifier():
+    assert decode_l3l4(ICMP_ECHO) == ("10.244.1.2", "10.244.1.3", 1, 0x1234, 0, -1, 8, 0)
+    assert decode_l3l4(ICMP_ECHO[:36])[3:] == (0, 0, -1, 8, 0)  # type and code, no identifier
+
+
+def test_monitor_summary_of_icmp_has_no_ports():
+    s = summarize_packet(ICMP_ECHO)
+    assert (s.protocol, s.icmp_type, s.icmp_code, s.src_port) == (1, 8, 0, 0)
+    assert s.line() == "10.244.1.2 -> 10.244.1.3 icmp type 8 code 0"
+
+
+# -- struct layouts derived from the mirror ----------------------------------------------------
+
+def test_record_struct_reads_the_mirrors_fields():
+    raw = record(EVENT_POLICY_VERDICT, 7, src_label=0x01020304, reason=9, flags=0x12,
+                 ifindex=0x0A0B0C0D, verdict=-181, cookie=0xDEADBEEF)
+    head = record_struct(EventRecord, ("hdr.type", "hdr.subtype", "hdr.len_cap", "src_label",
+                                       "reason", "flags", "ifindex", "verdict", "cookie"))
+    assert head.unpack_from(raw) == (EVENT_POLICY_VERDICT, 7, len(TCP_SYN), 0x01020304, 9, 0x12,
+                                     0x0A0B0C0D, -181, 0xDEADBEEF)
+    assert head.size == EventRecord.cookie.offset + 4
+
+
+@pytest.mark.parametrize("names,error", [
+    (("src_label", "hdr.type"), "offset order"),
+    (("hdr.nope",), "no field 'hdr.nope'"),
+    (("dst_port",), "not a little-endian integer"),  # __be16
+    (("data",), "not a little-endian integer"),
+])
+def test_record_struct_refuses_what_it_cannot_unpack(names, error):
+    with pytest.raises(ValueError, match=error):
+        record_struct(EventRecord, names)

@@ -3,19 +3,9 @@ from ipaddress import ip_network
 import pytest
 import yaml
 
-from cilium_py.agent.policy.api import (
-    CCNP,
-    CNP,
-    ICMP,
-    NETWORK_POLICY,
-    SCTP,
-    TCP,
-    UDP,
-    CIDRPeer,
-    PortSpec,
-    parse_policy,
-)
+from cilium_py.agent.policy.api import CCNP, CNP, NETWORK_POLICY, CIDRPeer, PortSpec, parse_policy
 from cilium_py.agent.policy.selector import PolicyError
+from cilium_py.vocab import ICMP, SCTP, TCP, UDP
 
 WEB_PROD = {"k8s:app": "web", "k8s:io.kubernetes.pod.namespace": "prod"}
 WEB_DEV = {"k8s:app": "web", "k8s:io.kubernetes.pod.namespace": "dev"}

@@ -27,16 +27,20 @@ from cilium_py.agent.policy.selector import (
     PolicyError,
     requirement,
 )
-from cilium_py.datapath.maps.policy import EGRESS, INGRESS
+from cilium_py import vocab
+from cilium_py.vocab import (
+    CILIUM_PROTOCOLS,
+    EGRESS,
+    ICMP,
+    INGRESS,
+    K8S_PROTOCOLS,
+    NETWORK_POLICY,
+    POLICY_KINDS as KINDS,
+)
 
-NETWORK_POLICY = "NetworkPolicy"
-CNP = "CiliumNetworkPolicy"
-CCNP = "CiliumClusterwideNetworkPolicy"
-KINDS = (NETWORK_POLICY, CNP, CCNP)
+# The short names the policy package and its tests use for the Cilium kinds.
+CNP, CCNP = vocab.CILIUM_NETWORK_POLICY, vocab.CILIUM_CLUSTERWIDE_NETWORK_POLICY
 
-ANY, ICMP, TCP, UDP, SCTP = 0, 1, 6, 17, 132
-K8S_PROTOCOLS = {"TCP": TCP, "UDP": UDP, "SCTP": SCTP}
-CILIUM_PROTOCOLS = {"ANY": ANY, **K8S_PROTOCOLS}
 MAX_PORTS = 40
 MAX_ICMP_FIELDS = 40
 

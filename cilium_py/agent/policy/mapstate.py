@@ -13,10 +13,9 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cilium_py.datapath.maps.policy import EGRESS, INGRESS, PolicyMap, PolicyMapKey
+from cilium_py.datapath.maps.policy import PolicyMap, PolicyMapKey
 from cilium_py.datapath.maps.endpoints import EndpointMap
-
-ICMP = 1
+from cilium_py.vocab import EGRESS, ICMP, INGRESS
 
 
 class PolicyRuleError(ValueError):

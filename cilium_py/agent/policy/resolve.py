@@ -27,17 +27,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
-from cilium_py.agent.policy.api import ANY, SCTP, TCP, UDP, CIDRPeer, PeerRule, PortSpec
+from cilium_py.agent.policy.api import CIDRPeer, PeerRule, PortSpec
 from cilium_py.agent.policy.mapstate import PolicyRule
 from cilium_py.agent.policy.selector import IN
 from cilium_py.agent.policy.repository import PolicyRepository
-from cilium_py.datapath.maps.policy import EGRESS, INGRESS
+from cilium_py.vocab import (
+    ANY,
+    EGRESS,
+    IDENTITY_HOST as HOST,
+    IDENTITY_WORLD as WORLD,
+    INGRESS,
+    LOCAL_IDENTITY_SCOPE as LOCAL_CIDR_SCOPE,
+    RESERVED_IDENTITY_IDS,
+    SCTP,
+    TCP,
+    UDP,
+)
 
-HOST, WORLD = 1, 2
-ENTITY_IDS = {"host": {1}, "unmanaged": {3}, "health": {4}, "init": {5}, "remote-node": {6},
-              "kube-apiserver": {7}, "ingress": {8}, "none": set(), "world-ipv6": set()}
-WORLD_IDS = frozenset({2, 9, 10})
-LOCAL_CIDR_SCOPE = 1 << 24
+# world-ipv6 selects nothing: the datapath carries no IPv6.
+ENTITY_IDS = {**{name: {RESERVED_IDENTITY_IDS[name]} for name in (
+    "host", "unmanaged", "health", "init", "remote-node", "kube-apiserver", "ingress")},
+    "none": set(), "world-ipv6": set()}
+WORLD_IDS = frozenset(RESERVED_IDENTITY_IDS[n] for n in ("world", "world-ipv4", "world-ipv6"))
 NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 
 NamedPorts = dict[str, tuple[int, int]]

@@ -11,7 +11,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from cilium_py.datapath.reasons import protocol_name
+from cilium_py.vocab import protocol_name
 
 from .base import BpfMap, be16, be32
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from cilium_py.datapath import libbpf
 from cilium_py.datapath.config import LB_ALGORITHMS as ALGORITHMS
+from cilium_py.vocab import protocol_name
 
 from .base import BpfMap, be16, be32
 
@@ -138,8 +139,7 @@ class Frontend:
                       proto=self.proto, scope=self.scope)
 
     def __str__(self) -> str:
-        proto = {6: "TCP", 17: "UDP", 132: "SCTP"}.get(self.proto, str(self.proto))
-        return f"{self.address}:{self.port}/{proto}" + ("/i" if self.scope == SCOPE_INTERNAL else "")
+        return f"{self.address}:{self.port}/{protocol_name(self.proto)}" + ("/i" if self.scope == SCOPE_INTERNAL else "")
 
 
 @dataclass

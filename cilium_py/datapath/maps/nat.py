@@ -13,7 +13,7 @@ import ctypes
 import ipaddress
 from dataclasses import dataclass
 
-from cilium_py.datapath.reasons import protocol_name
+from cilium_py.vocab import protocol_name
 
 from .base import BpfMap, be16, be32
 from .conntrack import TUPLE_F_IN, CtTuple4, monotonic_seconds

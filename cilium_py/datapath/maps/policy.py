@@ -10,12 +10,12 @@ import ctypes
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from cilium_py.vocab import EGRESS, INGRESS
+
 from .base import BpfMap, be16
 
 POLICY_PREFIX_STATIC = 56  # sec_label + endpoint_id + egress
 POLICY_F_DENY = 1
-
-INGRESS, EGRESS = "ingress", "egress"
 
 
 class PolicyKey(ctypes.Structure):

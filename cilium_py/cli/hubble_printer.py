@@ -28,25 +28,22 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from cilium_py.datapath.reasons import DROP_DESCRIPTIONS, MATCH_TYPES
+from cilium_py.datapath.reasons import DROP_DESCRIPTIONS, MATCH_TYPES, MESSAGE_TYPES, TRACE_POINTS
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
 from cilium_py.hubble.api.relay import relay_pb2
-from cilium_py.hubble.filterflags import RESERVED_IDENTITIES, TRACE_POINTS
+from cilium_py.hubble.filters import PORTED_L4_FIELDS
+from cilium_py.vocab import RESERVED_IDENTITY_NAMES
 
 FORMATS = ("compact", "dict", "json", "jsonpb", "table")
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_IDENTITY_NAMES = {n: name for name, n in RESERVED_IDENTITIES.items()}
-_TRACE_POINT_NAMES = {n: name for name, n in TRACE_POINTS.items()}
 _XLATE_POINTS = {
     F.SOCK_XLATE_POINT_PRE_DIRECTION_FWD: "pre-xlate-fwd",
     F.SOCK_XLATE_POINT_POST_DIRECTION_FWD: "post-xlate-fwd",
     F.SOCK_XLATE_POINT_PRE_DIRECTION_REV: "pre-xlate-rev",
     F.SOCK_XLATE_POINT_POST_DIRECTION_REV: "post-xlate-rev",
 }
-_MESSAGE_TYPES = {1: "drop", 2: "debug", 3: "capture", 4: "trace", 5: "policy-verdict",
-                  7: "trace-sock", 129: "l7", 130: "agent"}
 # The order upstream lists TCP flags in, which is not the field order.
 _TCP_FLAG_ORDER = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
 _ICMPV4_TYPES = {
@@ -84,7 +81,7 @@ def format_time(ts, tz=None) -> str:
 
 def _ports(flow: F.Flow) -> tuple[int, int]:
     kind = flow.l4.WhichOneof("protocol")
-    if kind in ("TCP", "UDP", "SCTP"):
+    if kind in PORTED_L4_FIELDS:
         layer = getattr(flow.l4, kind)
         return layer.source_port, layer.destination_port
     return 0, 0
@@ -125,7 +122,7 @@ def destination_host(flow: F.Flow) -> str:
 
 def format_identity(ep: F.Endpoint) -> str:
     """`(ID:1234)`; a reserved identity as its name, `(world)`, the way upstream prints it."""
-    name = _IDENTITY_NAMES.get(ep.identity)
+    name = RESERVED_IDENTITY_NAMES.get(ep.identity)
     if name is None and ep.identity and ep.identity < 256:
         # a reserved identity we have no number for: its reserved: label names it
         name = next((label[len("reserved:"):] for label in ep.labels
@@ -156,7 +153,7 @@ def flow_type(flow: F.Flow) -> str:
     """The TYPE column: observation point, drop reason, policy-verdict match, xlate point."""
     etype = flow.event_type.type
     if etype == 4:
-        return _TRACE_POINT_NAMES.get(flow.event_type.sub_type, f"trace:{flow.event_type.sub_type}")
+        return TRACE_POINTS.get(flow.event_type.sub_type, f"trace:{flow.event_type.sub_type}")
     if etype == 1:
         return drop_description(drop_reason_code(flow))
     if etype == 5:
@@ -164,7 +161,7 @@ def flow_type(flow: F.Flow) -> str:
         return f"policy-verdict:{match} {F.TrafficDirection.Name(flow.traffic_direction)}"
     if etype == 7 and flow.sock_xlate_point in _XLATE_POINTS:
         return _XLATE_POINTS[flow.sock_xlate_point]
-    return _MESSAGE_TYPES.get(etype, "UNKNOWN")
+    return MESSAGE_TYPES.get(etype, "UNKNOWN")
 
 
 def _enum_name(enum, value: int) -> str:

@@ -43,8 +43,11 @@ from fractions import Fraction
 
 from google.protobuf import json_format
 
+from cilium_py.datapath.reasons import MESSAGE_TYPES, TRACE_POINTS
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
+from cilium_py.hubble.filters import L4_FIELDS
+from cilium_py.vocab import RESERVED_IDENTITY_IDS
 
 # `--all` asks for "everything in the ring": a number larger than any ring. Not 2**64-1:
 # the server slices Python lists with it and 2**63 is still a valid uint64.
@@ -75,23 +78,13 @@ class FilterFlag:
     help: str = ""
 
 
-RESERVED_IDENTITIES = {
-    "host": 1, "world": 2, "unmanaged": 3, "health": 4, "init": 5, "remote-node": 6,
-    "kube-apiserver": 7, "ingress": 8, "world-ipv4": 9, "world-ipv6": 10,
-    "encrypted-overlay": 11,
-}
-
 # Monitor message types `-t` accepts (cilium-facts §4): the numbers in event_type.type.
-EVENT_TYPES = {"drop": 1, "capture": 3, "trace": 4, "policy-verdict": 5, "trace-sock": 7,
-               "l7": 129}
+# debug and agent messages never become flows.
+EVENT_TYPES = {name: n for n, name in MESSAGE_TYPES.items() if name not in ("debug", "agent")}
 # Trace observation points: the datapath's numbering, which is what event_type.sub_type
 # carries (not TraceObservationPoint, where to-endpoint is 101).
-TRACE_POINTS = {
-    "to-endpoint": 0, "to-proxy": 1, "to-host": 2, "to-stack": 3, "to-overlay": 4,
-    "from-endpoint": 5, "from-proxy": 6, "from-host": 7, "from-stack": 8, "from-overlay": 9,
-    "from-network": 10, "to-network": 11, "from-crypto": 12, "to-crypto": 13,
-}
-PROTOCOLS = ("tcp", "udp", "icmp", "icmpv4", "icmpv6", "sctp")
+TRACE_SUBTYPES = {name: n for n, name in TRACE_POINTS.items()}
+PROTOCOLS = tuple(L4_FIELDS)  # what the server's protocol filter accepts
 TCP_FLAG_NAMES = tuple(f.name for f in F.TCPFlags.DESCRIPTOR.fields)
 VERDICTS = tuple(n for n in F.Verdict.keys() if n != "VERDICT_UNKNOWN")
 DROP_REASONS = tuple(n for n in F.DropReason.keys() if n != "DROP_REASON_UNKNOWN")
@@ -199,12 +192,12 @@ def _parse_label(flag: str, value: str) -> str:
 
 def _parse_identity(flag: str, value: str) -> int:
     name = value.lower().removeprefix("reserved:")
-    if name in RESERVED_IDENTITIES:
-        return RESERVED_IDENTITIES[name]
+    if name in RESERVED_IDENTITY_IDS:
+        return RESERVED_IDENTITY_IDS[name]
     if value.isdigit() and int(value) < 2**32:
         return int(value)
     raise FlagError(flag, value, "expected a numeric identity (0-4294967295) or a reserved "
-                                 "name: " + ", ".join(RESERVED_IDENTITIES))
+                                 "name: " + ", ".join(RESERVED_IDENTITY_IDS))
 
 
 def _parse_port(flag: str, value: str) -> str:
@@ -223,15 +216,15 @@ def _parse_type(flag: str, value: str) -> F.EventTypeFilter:
     name, colon, sub = value.lower().partition(":")
     if name not in EVENT_TYPES:
         raise FlagError(flag, value, "unknown event type; valid: " + ", ".join(EVENT_TYPES) +
-                        " (trace takes a subtype: trace:" + ", trace:".join(TRACE_POINTS) + ")")
+                        " (trace takes a subtype: trace:" + ", trace:".join(TRACE_SUBTYPES) + ")")
     flt = F.EventTypeFilter(type=EVENT_TYPES[name])
     if colon:
-        if name == "trace" and sub in TRACE_POINTS:
-            sub_type = TRACE_POINTS[sub]
+        if name == "trace" and sub in TRACE_SUBTYPES:
+            sub_type = TRACE_SUBTYPES[sub]
         elif sub.isdigit() and int(sub) < 256:  # raw subtype, e.g. a drop reason code
             sub_type = int(sub)
         else:
-            valid = ", ".join(TRACE_POINTS) if name == "trace" else "a number 0-255"
+            valid = ", ".join(TRACE_SUBTYPES) if name == "trace" else "a number 0-255"
             raise FlagError(flag, value, f"unknown subtype {sub!r} for {name}; valid: {valid}")
         flt.match_sub_type = True  # sub_type 0 (to-endpoint) is a real subtype
         flt.sub_type = sub_type
