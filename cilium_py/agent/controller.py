@@ -27,7 +27,7 @@ from cilium_py.agent.errors import ValidationError
 from cilium_py.agent.identity import IdentityAllocator
 from cilium_py.agent.ipam import IPAM
 from cilium_py.agent.labels import endpoint_labels, format_labels, labels_key
-from cilium_py.agent.policy.api import PolicyError, parse_policy
+from cilium_py.agent.objects import Pod
 from cilium_py.agent.policy.mapstate import PolicyWriter
 from cilium_py.agent.policy.repository import PolicyRepository
 from cilium_py.agent.policy.resolve import NAMESPACE_KEY, EndpointContext, PeerIndex, resolve
@@ -36,11 +36,11 @@ from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.ipcache import IPCacheMap
+from cilium_py.vocab import protocol_name
 
 log = logging.getLogger(__name__)
 
 POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 
 @dataclass
@@ -83,16 +83,8 @@ def describe(res: Resource) -> str:
     return f"{res.kind} {res.namespace + '/' if res.namespace else ''}{res.name}"
 
 
-def pod_ports(pod: Resource) -> tuple[dict, list]:
-    named, ports = {}, []
-    for container in pod.body.get("spec", {}).get("containers", []) or []:
-        for port in container.get("ports", []) or []:
-            number = int(port["containerPort"])
-            proto = str(port.get("protocol", "TCP")).upper()
-            ports.append((number, proto))
-            if port.get("name"):
-                named[port["name"]] = (number, PROTOCOLS.get(proto, 6))
-    return named, ports
+def pod_ports(pod: Pod) -> tuple[dict, list]:
+    return pod.named_ports, [(p.port, protocol_name(p.protocol)) for p in pod.ports]
 
 
 class ControlPlane:
@@ -161,16 +153,8 @@ class ControlPlane:
         if event == "delete":
             self.rejected.pop(key, None)
             return self.repo.delete(key)
-        try:
-            rules = parse_policy(res.kind, res.namespace, res.name, res.body)
-        except PolicyError as e:
-            # Fail closed on the object, keep everything else: the earlier version of this
-            # policy (if any) stays in force until a valid one replaces it.
-            self.rejected[key] = ValidationError(res.source, describe(res), e.field, e.message)
-            log.warning("rejected %s", self.rejected[key])
-            return set()
         self.rejected.pop(key, None)
-        return self.repo.upsert(key, rules)
+        return self.repo.upsert(key, res.rules)  # parsed by the source: only valid policies get here
 
     # -- regeneration -----------------------------------------------------------------
 
@@ -207,8 +191,8 @@ class ControlPlane:
                 time.sleep(0.2)
                 self._dirty.set()
 
-    def _is_ours(self, pod: Resource) -> bool:
-        assigned = pod.body.get("spec", {}).get("nodeName")
+    def _is_ours(self, pod: Pod) -> bool:
+        assigned = pod.node_name
         return assigned == self.config.datapath.node or (assigned is None and self.config.lab)
 
     def _node_pods(self) -> dict[str, Resource]:
@@ -326,10 +310,9 @@ class ControlPlane:
                     return True
         return False
 
-    def _ensure_endpoint(self, key: str, pod: Resource) -> None:
-        spec = pod.body.get("spec", {})
+    def _ensure_endpoint(self, key: str, pod: Pod) -> None:
         labels = endpoint_labels(pod.labels, pod.namespace, self._namespace_labels(pod.namespace),
-                                 spec.get("serviceAccountName") or "default")
+                                 pod.service_account)
         named, ports = pod_ports(pod)
         ep = self.endpoints.get(key)
         if ep is not None:
