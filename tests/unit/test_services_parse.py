@@ -40,8 +40,8 @@ def errors_of(doc: dict, config: ServiceConfig = CONFIG) -> list[ValidationError
     return e.value.errors
 
 
-def one_error(res: Resource) -> ValidationError:
-    errs = errors_of(res)
+def one_error(doc: dict) -> ValidationError:
+    errs = errors_of(doc)
     assert len(errs) == 1, errs
     return errs[0]
 

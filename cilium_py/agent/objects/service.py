@@ -12,7 +12,6 @@ frozen dataclass.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
