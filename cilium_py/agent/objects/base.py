@@ -121,22 +121,22 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def dns_label(value, what: str = "name") -> str | None:
+def _dns_name(value, what: str, pattern: re.Pattern, limit: int, rule: str) -> str | None:
     if not isinstance(value, str) or not value:
         return f"{what} must be a non-empty string"
-    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
-        return (f"{value!r} is not a valid {what}: at most 63 lowercase letters, digits and '-', "
-                "starting and ending with a letter or digit")
+    if len(value) > limit or not pattern.fullmatch(value):
+        return f"{value!r} is not a valid {what}: {rule}"
     return None
+
+
+def dns_label(value, what: str = "name") -> str | None:
+    return _dns_name(value, what, _DNS_LABEL, 63, "at most 63 lowercase letters, digits and '-', "
+                                                  "starting and ending with a letter or digit")
 
 
 def dns_subdomain(value, what: str = "name") -> str | None:
-    if not isinstance(value, str) or not value:
-        return f"{what} must be a non-empty string"
-    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
-        return (f"{value!r} is not a valid {what}: lowercase letters, digits, '-' and '.', "
-                "starting and ending with a letter or digit")
-    return None
+    return _dns_name(value, what, _DNS_SUBDOMAIN, 253, "lowercase letters, digits, '-' and '.', "
+                                                       "starting and ending with a letter or digit")
 
 
 def dns1035(value, what: str = "name") -> str | None:
@@ -186,6 +186,16 @@ def ip_address(value) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(value)
     except ValueError:
         return None
+
+
+def required_spec(c: Checker, doc: dict, what: str) -> dict:
+    """The object's spec, which its kind cannot do without: when it is not a mapping, this
+    raises with every error found so far."""
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        c.error("spec", f"a {c.key[0]} needs a spec with {what}")
+        c.raise_if_errors()
+    return spec
 
 
 def mapping(c: Checker, value, path: str) -> dict:

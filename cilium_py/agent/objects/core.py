@@ -17,6 +17,7 @@ from cilium_py.agent.objects.base import (
     port_number,
     port_name,
     protocol,
+    required_spec,
 )
 
 # -- Namespace -----------------------------------------------------------------------------
@@ -123,10 +124,7 @@ class Pod(Resource):
 
 def parse_pod(doc, source: str, where: str = "object") -> Pod:
     meta, c = parse_meta(Pod, doc, source, where)
-    spec = doc.get("spec")
-    if not isinstance(spec, dict):
-        c.error("spec", "a Pod needs a spec with containers")
-        c.raise_if_errors()
+    spec = required_spec(c, doc, "containers")
     for opt in ("nodeName", "serviceAccountName"):
         if opt in spec and (msg := dns_subdomain(spec[opt], opt)):
             c.error(f"spec.{opt}", msg)

@@ -27,6 +27,7 @@ from cilium_py.agent.objects.base import (
     port_name,
     port_number,
     protocol,
+    required_spec,
 )
 from cilium_py.agent.services.addr import ipv4_int
 from cilium_py.datapath.config import LB_ALGORITHMS
@@ -93,10 +94,7 @@ class Service(Resource):
 
 def parse_service(doc, source: str, where: str = "object") -> Service:
     meta, c = parse_meta(Service, doc, source, where)
-    spec = doc.get("spec")
-    if not isinstance(spec, dict):
-        c.error("spec", "a Service needs a spec with ports")
-        c.raise_if_errors()
+    spec = required_spec(c, doc, "ports")
     svc_type = spec.get("type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
         c.error("spec.type", f"{svc_type!r} is not a Service type; use {', '.join(SERVICE_TYPES)}")
