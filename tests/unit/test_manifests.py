@@ -439,3 +439,23 @@ def test_start_watches_the_directory(tmp_path, store):
             assert conds.wait_for(lambda: ("delete", "web") in arrived, timeout=10)
     finally:
         src.stop()
+
+
+def test_a_parser_bug_is_reported_and_keeps_the_previous_version(tmp_path, store, monkeypatch):
+    from cilium_py.agent import objects
+
+    d = str(tmp_path)
+    write(d, "web.yaml", pod_yaml("web"))
+    src = ManifestsSource(d, store)
+    src.sync_once()
+
+    def broken(doc, source, where="object"):
+        raise KeyError("surprise")
+
+    monkeypatch.setitem(objects.PARSERS, "Pod", broken)
+    write(d, "web.yaml", pod_yaml("web", port=81))
+    result = src.sync_once()
+    err = one_error(src.errors)
+    assert (err.obj, err.key) == ("Pod default/web", ("Pod", "default", "web"))
+    assert "internal error" in err.message and "previous valid version stays in effect" in err.message
+    assert result.deleted == [] and store.get(("Pod", "default", "web")).ports[0].port == 80

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from cilium_py.agent.errors import InvalidObject, ValidationError
-from cilium_py.agent.objects import KIND_ORDER, parse_object
+from cilium_py.agent.objects import CLASSES, DEFAULT_NAMESPACE, KIND_ORDER, describe, parse_object
 from cilium_py.agent.store import Key, Resource, Store
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,23 @@ def _parse_object(doc, source: str, where: str, document: int) -> tuple[Resource
     except InvalidObject as e:
         return None, [ManifestError(err.source, err.obj, err.field, err.message, document, e.key)
                       for err in e.errors]
+    except Exception as e:  # noqa: BLE001 - a parser bug must not stop the source
+        log.exception("parser failed on %s in %s", where, source)
+        key = _guess_key(doc)
+        obj = describe(*key) if key else where
+        return None, [ManifestError(source, obj, "", f"internal error while validating the object: {e}",
+                                    document, key)]
+
+
+def _guess_key(doc) -> Key | None:
+    """The store key a document names, for keeping its previous version in effect when
+    its parser failed; None when it names none."""
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind not in CLASSES or not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    namespace = (meta.get("namespace") or DEFAULT_NAMESPACE) if CLASSES[kind].namespaced else ""
+    return (kind, str(namespace), meta["name"])
 
 
 def _syntax_error(source: str, e: Exception) -> ManifestSyntaxError:
