@@ -246,3 +246,10 @@ def test_every_path_in_goes_through_the_kinds_parser(tmp_path, monkeypatch):
     assert CliRunner().invoke(cli, ["policy", "validate", path]).exit_code == 0
     parse_documents(yaml.safe_dump(docs()["Pod"]), "text.yaml")
     assert calls == [path, path, "text.yaml"]
+
+
+def test_objects_built_in_code_hold_immutable_labels():
+    pod = Pod(namespace="default", name="p", labels={"app": "web"})
+    assert isinstance(pod.labels, objects.Labels) and pod.labels == {"app": "web"}
+    assert hash(pod) == hash(Pod(namespace="default", name="p", labels={"app": "web"}))
+    assert copy.deepcopy(pod) == pod and copy.deepcopy(pod).labels == {"app": "web"}

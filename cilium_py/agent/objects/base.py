@@ -66,6 +66,12 @@ class Resource:
     source: str = ""
     created: str = ""            # metadata.creationTimestamp: orders claims to the older object
 
+    def __post_init__(self):
+        # Objects built in code (tests, benchmarks) may pass a plain dict; held as given it
+        # would make the object mutable and unhashable.
+        if type(self.labels) is not Labels:
+            object.__setattr__(self, "labels", Labels(self.labels))
+
     @property
     def key(self) -> Key:
         return (self.kind, self.namespace or "", self.name)
