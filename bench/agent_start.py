@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-from bench.common import Result, bpf_root, median, remove_bpf_root, stop_process
+from bench.common import Result, bpf_root, median, remove_bpf_root
 
 NODE_NAME = "benchag"
 NODE_INDEX = 203
@@ -38,27 +36,16 @@ def _rss_mb(pid: int) -> float:
 
 
 def _one_start(node_netns: str, root: str, run_dir: str) -> tuple[float, float]:
-    exe = os.path.join(os.path.dirname(sys.executable), "ciliumpy")
-    ready = os.path.join(run_dir, NODE_NAME, "agent.ready")
-    log_path = os.path.join(run_dir, "agent.log")
-    with open(log_path, "w") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([exe, "agent", "--node", NODE_NAME, "--bpf-root", root,
-                                 "--run-dir", run_dir, "--node-netns", node_netns],
-                                stdout=log, stderr=subprocess.STDOUT)
+    from cilium_py.lab.agentproc import AgentProcess
+
+    agent = AgentProcess(node=NODE_NAME, bpf_root=root, run_dir=run_dir, node_netns=node_netns,
+                         log_path=os.path.join(run_dir, "agent.log"), poll_interval=0.005)
     try:
-        while not os.path.exists(ready):
-            if proc.poll() is not None:
-                with open(log_path) as f:
-                    raise RuntimeError(f"agent exited with {proc.returncode}: {f.read()[-800:]}")
-            if time.perf_counter() - t0 > READY_TIMEOUT:
-                raise RuntimeError(f"agent not ready after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - t0
+        agent.start(READY_TIMEOUT)
         time.sleep(0.2)  # let the reader/GC/monitor threads settle before reading RSS
-        return elapsed, _rss_mb(proc.pid)
+        return agent.ready_seconds, _rss_mb(agent.pid)
     finally:
-        stop_process(proc)
+        agent.stop()
 
 
 def agent_start(quick: bool = False) -> list[Result]:

@@ -49,19 +49,18 @@ here is removed at the end, also on failure.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import ipaddress
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-from bench.common import TOKEN, Result, bpf_root, delete_endpoints, median, remove_bpf_root, stop_process
+from bench.common import TOKEN, Result, bpf_root, iperf, median, stop_process
 from cilium_py.lab import wire
 
 NODE_NAME = "benchkpr"
@@ -253,18 +252,6 @@ class Sampler:
         if not best["clean"]:
             self.contended += 1
         return best
-
-
-def _wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
-    from cilium_py.datapath import netns
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = netns.run(ns, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
-        if out.strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} in {ns}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -705,27 +692,6 @@ def _program_iptables(routers: Routers, n: int, backends: int, adds: int) -> dic
 
 # -- 3. NodePort throughput -----------------------------------------------------------------------
 
-def _iperf(server_ns: str, client_ns: str, ip: str, port: int, seconds: int) -> float:
-    server = _popen(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], cpu=1,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(server_ns, IPERF_PORT)
-        proc = _popen(client_ns, ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J"],
-                      cpu=0, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = proc.communicate(timeout=seconds + 20)
-        except subprocess.TimeoutExpired:
-            stop_process(proc, timeout=2)
-            raise RuntimeError(f"iperf3 to {ip}:{port} hung")
-        data = json.loads(out or "{}")
-        if proc.returncode != 0 or "error" in data:
-            raise RuntimeError(f"iperf3 to {ip}:{port}: {data.get('error') or err.strip()}")
-        server.wait(timeout=10)
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        stop_process(server, timeout=5)
-
-
 # -- the benchmark ----------------------------------------------------------------------------------
 
 def _fmt_rate(r: float) -> str:
@@ -733,12 +699,12 @@ def _fmt_rate(r: float) -> str:
 
 
 def run(quick: bool = False) -> list[Result]:
+    import dataclasses
+
     from pyroute2 import IPRoute
 
-    from cilium_py.agent.endpoints import EndpointManager
     from cilium_py.datapath import attach, netns
-    from cilium_py.datapath.config import DatapathConfig
-    from cilium_py.lab.agentproc import AgentProcess
+    from cilium_py.lab.harness import PodSpec, running_node
     from cilium_py.lab.node import LabNode
 
     levels = QUICK_LEVELS if quick else LEVELS
@@ -747,42 +713,38 @@ def run(quick: bool = False) -> list[Result]:
     adds, ipt_adds = (QUICK_ADDS, QUICK_IPT_ADDS) if quick else (ADDS, IPT_ADDS)
     np_rounds, np_seconds = (QUICK_NP_ROUNDS, QUICK_NP_SECONDS) if quick else (NP_ROUNDS, NP_SECONDS)
 
-    root = bpf_root("kpr")
-    run_dir = tempfile.mkdtemp(prefix="ciliumpy-bench-run-")
     cgroup = os.path.join(CGROUP_PARENT, f"ciliumpy-bench-{TOKEN}-kpr")
     node = LabNode(NODE_NAME, NODE_INDEX)
-    agent = em = routers = svcs = None
-    node_up = cgroup_made = False
-    pods: dict = {}
-    procs: list[subprocess.Popen] = []
-    try:
-        node.create()
-        node_up = True
-        os.mkdir(cgroup)
-        cgroup_made = True
-        dp = DatapathConfig(node=NODE_NAME, bpf_root=root, maglev_table_size=1021)
-        node_ip = str(node.addressing.uplink_ip)
+    node_ip = str(node.addressing.uplink_ip)
+
+    def wire_outside(running) -> None:
         # NodePort in XDP on a veth: the outside end must look like a wire (see docstring).
         wire.attach_xdp_pass(node.ext_netns, "eth0")
         wire.set_tx_checksum_offload(node.ext_netns, "eth0", False)
-        agent = AgentProcess(node=NODE_NAME, bpf_root=root, run_dir=run_dir, node_netns=node.netns,
-                             devices=("eth0",), node_ips=(str(node.router_ip), node_ip),
-                             extra_args=("--cgroup-root", cgroup, "--bpf-lb-maglev-table-size", "1021",
-                                         "--bpf-lb-acceleration", "native", "--xdp-mode", "native"))
-        agent.start()
-        em = EndpointManager(dp, node.netns, node.router_ip)
-        for n, (name, identity) in enumerate((("a", 1000), ("b", 1001), ("c", 1002)), start=1):
-            pods[name] = em.create(name, node.addressing.pod_ip(n), identity)
+
+    with contextlib.ExitStack() as cleanup:
+        os.mkdir(cgroup)
+        cleanup.callback(_remove_cgroup, cgroup)
+        running = cleanup.enter_context(running_node(
+            node, bpf_root=bpf_root("kpr"), prepare=wire_outside,
+            pods={name: PodSpec(identity) for name, identity in (("a", 1000), ("b", 1001), ("c", 1002))},
+            agent_args=("--cgroup-root", cgroup, "--bpf-lb-maglev-table-size", "1021",
+                        "--bpf-lb-acceleration", "native", "--xdp-mode", "native")))
+        agent, pods = running.agent, running.pods
+        dp = dataclasses.replace(running.config, maglev_table_size=1021)
         # Fewer ephemeral-port reuses (a closed connection's conntrack entries linger).
         netns.write_sysctls(pods["a"].netns, {"net.ipv4.ip_local_port_range": "1024 65535"})
         with netns.entered(node.netns), IPRoute() as ipr:
             if not attach.xdp_program_id(ipr, ipr.link_lookup(ifname="eth0")[0]):
                 raise RuntimeError("the agent attached no XDP program to the node's eth0")
         routers = Routers(pods, node.ext_netns)
+        cleanup.callback(routers.destroy)
         routers.create()
+        procs: list[subprocess.Popen] = []
         for p in BACKENDS:
             proc = _popen(pods[p].netns, [sys.executable, "-c", SERVER, str(SERVER_PORT)], cpu=1,
                           stdout=subprocess.PIPE, text=True)
+            cleanup.callback(stop_process, proc, 5)
             procs.append(proc)
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"server in pod {p} did not start")
@@ -793,6 +755,7 @@ def run(quick: bool = False) -> list[Result]:
 
         # ---- 1. new connections at growing service counts ----
         svcs = CiliumServices(dp, pods)
+        cleanup.callback(svcs.close)
         svcs.node_port(node_ip)
         rules = {f: KubeProxyRules(VIP_BASE[f],
                                    (lambda f: lambda i: [(routers.backend_ip(f, p), SERVER_PORT)
@@ -879,7 +842,8 @@ def run(quick: bool = False) -> list[Result]:
         try:
             for _ in range(np_rounds):
                 for arm, (ip,) in np_targets.items():
-                    np_out[arm].append(_iperf(pods["b"].netns, node.ext_netns, ip, NODE_PORT, np_seconds))
+                    np_out[arm].append(iperf(pods["b"].netns, node.ext_netns, ip, np_seconds,
+                                              server_port=IPERF_PORT, port=NODE_PORT))
         except Exception as e:  # noqa: BLE001 - reported in the row, the rest still counts
             np_error = f"{type(e).__name__}: {e}"
 
@@ -1005,32 +969,17 @@ def run(quick: bool = False) -> list[Result]:
                        "client's device and on the router's receiving device (native XDP on a veth needs "
                        "it from the peer); 1500-byte frames on the wire for both"]))
         return rows
-    finally:
-        for proc in procs:
-            stop_process(proc, timeout=5)
-        if svcs is not None:
-            svcs.close()
-        if routers is not None:
-            routers.destroy()
-        if agent is not None:
-            agent.stop()
-        if em is not None:
-            delete_endpoints(em, list(pods))
-            em.close()
-        if node_up:
-            node.destroy()
-        if cgroup_made:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.rmdir(cgroup)
-                    break
-                except OSError:
-                    time.sleep(0.1)  # a client still exiting
-            else:
-                print(f"  cleanup: could not remove {cgroup}")
-        remove_bpf_root(root)
-        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _remove_cgroup(path: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)  # a client still exiting
+    print(f"  cleanup: could not remove {path}")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,10 @@ events, so it stands in for "off", and the no-programs arm bounds it.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 
-from bench.common import Result, bpf_root, delete_endpoints, median, remove_bpf_root, stop_process
+from bench.common import Result, bpf_root, iperf, median
 
 NODE_NAME = "bench"
 NODE_INDEX = 201
@@ -33,39 +29,6 @@ PORT = 5201
 CLIENT_ID, SERVER_ID = 1000, 1001
 ROUNDS = 8
 SECONDS = 2
-
-
-def _wait_listening(pod_ns: str, port: int, timeout: float = 5.0) -> None:
-    from cilium_py.datapath import netns
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = netns.run(pod_ns, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
-                        text=True).stdout
-        if out.strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"iperf3 server did not listen on {port} in {pod_ns}")
-
-
-def _iperf(client_ns: str, server_ns: str, server_ip: str, seconds: int) -> float:
-    """One client/server pair; returns received Gbit/s."""
-    from cilium_py.datapath import netns
-
-    server = netns.popen(server_ns, ["taskset", "-c", "1", "iperf3", "-s", "-1", "-p", str(PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(server_ns, PORT)
-        res = netns.run(client_ns, ["taskset", "-c", "0", "iperf3", "-c", server_ip, "-p", str(PORT),
-                                    "-t", str(seconds), "-J"],
-                        capture_output=True, text=True, timeout=seconds + 20)
-        data = json.loads(res.stdout or "{}")
-        if res.returncode != 0 or "error" in data:
-            raise RuntimeError(f"iperf3 client failed: {data.get('error') or res.stderr.strip()}")
-        server.wait(timeout=10)
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        stop_process(server, timeout=5)
 
 
 def _wait_drained(reader, quiet: float = 0.2, timeout: float = 10.0) -> None:
@@ -89,8 +52,7 @@ def _thread_cpu_seconds(thread) -> float:
 def run(quick: bool = False) -> list[Result]:
     from pyroute2 import IPRoute
 
-    from cilium_py.agent.daemon import Agent, AgentConfig
-    from cilium_py.agent.endpoints import PROGRAMS, EndpointManager
+    from cilium_py.agent.endpoints import PROGRAMS
     from cilium_py.agent.policy.mapstate import PolicyRule, PolicyWriter
     from cilium_py.datapath import attach, loader, netns
     from cilium_py.datapath.config import DatapathConfig
@@ -98,29 +60,18 @@ def run(quick: bool = False) -> list[Result]:
     from cilium_py.datapath.monitor import EventReader
     from cilium_py.hubble.parser import Parser
     from cilium_py.hubble.ring import FlowRing
+    from cilium_py.lab.harness import PodSpec, running_node
     from cilium_py.lab.node import LabNode
 
     rounds = 1 if quick else ROUNDS
     seconds = 1 if quick else SECONDS
     root = bpf_root("tput")
-    run_dir = tempfile.mkdtemp(prefix="ciliumpy-bench-run-")
     node = LabNode(NODE_NAME, NODE_INDEX)
-    agent = em = None
-    loaded_none = none_reader = lost_map = None
-    node_up = False
-    created: list[str] = []
-    try:
-        node.create()
-        node_up = True
-        dp = DatapathConfig(node=NODE_NAME, bpf_root=root)
-        agent = Agent(AgentConfig(datapath=dp, node_netns=node.netns, run_dir=run_dir,
-                                  node_ips=(str(node.router_ip),)))
-        agent.start()
-        em = EndpointManager(dp, node.netns, node.router_ip)
-        client = em.create("client", node.addressing.pod_ip(1), CLIENT_ID)
-        created.append("client")
-        server = em.create("server", node.addressing.pod_ip(2), SERVER_ID)
-        created.append("server")
+    pods = {"client": PodSpec(CLIENT_ID), "server": PodSpec(SERVER_ID)}
+    with running_node(node, bpf_root=root, pods=pods, in_process=True, devices=(),
+                      node_ips=(str(node.router_ip),)) as running:
+        agent, dp, em = running.agent, running.config, running.manager
+        client, server = running.pods["client"], running.pods["server"]
         PolicyWriter(em.policy, em.endpoints).apply(
             server.ip, server.endpoint_id, [PolicyRule(CLIENT_ID, "ingress", 6, PORT)],
             enforce_ingress=True, enforce_egress=False)
@@ -129,11 +80,14 @@ def run(quick: bool = False) -> list[Result]:
         # own, unpinned event ring), and a consumer that parses what they emit.
         loaded_none = loader.load(DatapathConfig(node=NODE_NAME, bpf_root=root,
                                                  monitor_aggregation="none"), pin_programs=False)
+        running.on_teardown(loaded_none.close)
         lost_map = EventsLostMap(dp.pin_dir)
+        running.on_teardown(lost_map.close)
         parser, flows = Parser(NODE_NAME), FlowRing()
         none_reader = EventReader(loaded_none,
                                   on_batch=lambda recs: flows.write(parser.parse_batch(recs)))
         none_reader.start()
+        running.on_teardown(none_reader.stop)
 
         def set_programs(on, loaded=None) -> None:
             loaded = loaded or agent.loaded
@@ -160,7 +114,7 @@ def run(quick: bool = False) -> list[Result]:
                     raise RuntimeError("programs are not in the state this round needs")
                 got0, none0, lost0 = agent.reader.received, none_reader.received, lost_map.total()
                 cpu0 = _thread_cpu_seconds(none_reader._thread)
-                out.append(_iperf(client.netns, server.netns, str(server.ip), seconds))
+                out.append(iperf(server.netns, client.netns, str(server.ip), seconds, server_port=PORT))
                 if loaded is loaded_none:
                     _wait_drained(none_reader)  # no backlog parsed into the next round
                     none_events.append(none_reader.received - none0)
@@ -206,27 +160,6 @@ def run(quick: bool = False) -> list[Result]:
              f"ingress policy enforced on the server (allow identity {CLIENT_ID} TCP {PORT}); "
              f"events delivered to the agent: {agent.reader.received if agent.reader else 0}"
              + (f", perf lost {lost}" if lost else "")]), trace]
-    finally:
-        if none_reader is not None:
-            none_reader.stop()
-        if lost_map is not None:
-            lost_map.close()
-        if agent is not None:
-            try:
-                agent.stop()
-            except Exception as e:  # noqa: BLE001
-                print(f"  cleanup: agent stop: {e}")
-        if em is not None:
-            delete_endpoints(em, created)
-            em.close()
-        if node_up:
-            node.destroy()
-        if loaded_none is not None:
-            loaded_none.close()
-        if agent is not None and agent.loaded is not None:
-            agent.loaded.close()
-        remove_bpf_root(root)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

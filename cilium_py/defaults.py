@@ -10,6 +10,8 @@ CT_TIMEOUT_REGULAR_TCP = 8000
 CT_TIMEOUT_REGULAR_TCP_SYN = 60
 CT_TIMEOUT_REGULAR_TCP_FIN = 10
 CT_TIMEOUT_REGULAR_ANY = 60
+POLICY_MAP_MAX = 16384       # --bpf-policy-map-max: policy entries per endpoint
+POLICY_MAP_ENDPOINTS = 64    # endpoints the shared policy map holds at full budget
 CT_GC_INTERVAL = 10.0  # seconds between conntrack GC passes
 
 EVENTS_RINGBUF_PAGES = 256  # 1 MiB ring buffer

@@ -172,4 +172,6 @@ class APIServer:
             raise APIError(400, f"revision and timeout must be numbers: {e}") from None
         control = self._control()
         ok = control.wait_for_revision(revision, timeout)
-        return {"realized": ok, "revision": control.realized_revision()}
+        # Realized for the node, but not for these: `policy wait` and `lab apply` fail on them.
+        return {"realized": ok, "revision": control.realized_revision(),
+                "failed_endpoints": control.failed_endpoints()}

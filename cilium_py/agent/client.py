@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 
 from cilium_py import defaults
+from cilium_py.agent.paths import RunPaths
 
 
 class AgentUnavailable(ConnectionError):
@@ -32,7 +32,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def api_socket(run_dir: str = defaults.RUN_DIR, node: str = defaults.NODE_NAME) -> str:
-    return os.path.join(run_dir, node, "ciliumpy.sock")
+    return RunPaths(run_dir, node).api_socket
 
 
 class AgentClient:

@@ -1,13 +1,21 @@
 """The control plane of one node: from the store's objects to endpoints, identities and
 policy-map state.
 
-Store callbacks run on per-object queues and only record that something changed; one
-regeneration thread then brings the node to the desired state, coalescing bursts of
+Store callbacks run on per-object queues and only mark what changed; one reconcile loop
+(agent/reconcile.py) then brings the node to the desired state, coalescing bursts of
 changes. Every change bumps the policy revision; each endpoint records the revision its
 maps realize, so `policy wait` and `lab apply` can wait for enforcement.
 
 Only what changed is written: PolicyWriter diffs each endpoint's entries against the map,
 and identities, addresses and endpoints are created or released as pods come and go.
+
+Failures are never silent and never open: an endpoint whose policy cannot be written (its
+share of the policy map exceeded, a full map, a kernel error) keeps its previous policy,
+or denies everything if it never had one (endpoints are created closed), is marked
+not-ready with the reason, and is retried with the loop's backoff; `policy wait` names it.
+
+Everything the controller drives on the node goes through a NodeBackend (agent/backend.py):
+the kernel in the agent, memory in the unit tests.
 """
 
 from __future__ import annotations
@@ -15,32 +23,32 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 
-from cilium_py.agent.endpoints import EndpointHandle, EndpointManager
+from cilium_py.agent.backend import NodeBackend, kernel_backend
+from cilium_py.agent.endpoints import EndpointHandle
 from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.hooks import EndpointHooks
 from cilium_py.agent.identity import IdentityAllocator
 from cilium_py.agent.ipam import IPAM
+from cilium_py.agent.ipcache import SOURCE_GENERATED
 from cilium_py.agent.labels import endpoint_labels, format_labels, labels_key
 from cilium_py.agent.objects import Pod
-from cilium_py.agent.policy.mapstate import PolicyWriter
+from cilium_py.agent.policy.mapstate import PolicyRealizeError, PolicyWriter
 from cilium_py.agent.policy.repository import PolicyRepository
 from cilium_py.agent.policy.resolve import NAMESPACE_KEY, EndpointContext, PeerIndex, resolve
 from cilium_py.agent.policy.selector import IN
+from cilium_py.agent.reconcile import ControllerStatus, Reconciler
 from cilium_py.agent.store import Resource, Store
-from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
-from cilium_py.datapath.maps.ipcache import IPCacheMap
-from cilium_py.vocab import protocol_name
+from cilium_py.vocab import EGRESS, INGRESS, POLICY_KINDS, protocol_name
 
 log = logging.getLogger(__name__)
 
-POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+READY, NOT_READY = "ready", "not-ready"
+PODS, NAMESPACES, SELECTORS = "pods", "namespaces", "selectors"
+WORLD_ENTITIES = frozenset({"world", "world-ipv4"})  # cover every CIDR identity (resolve.py)
 
 
 @dataclass
@@ -52,19 +60,12 @@ class LocalEndpoint:
     named_ports: dict
     container_ports: list           # [(port, "TCP"|"UDP"|"SCTP")]
     realized_revision: int = 0
-    ingress_enforced: bool = False
-    egress_enforced: bool = False
+    ingress_enforced: bool = True   # created closed: denies until its policy is written
+    egress_enforced: bool = True
     rule_count: int = 0
-    state: str = "ready"
+    state: str = NOT_READY
     error: str = ""
-
-
-@dataclass
-class ControllerStatus:
-    runs: int = 0
-    failures: int = 0
-    last_error: str = ""
-    last_success: float = 0.0
+    has_policy: bool = False        # some policy was realized at least once
 
 
 @dataclass
@@ -74,8 +75,9 @@ class ControlPlaneConfig:
     router_ip: str
     pod_cidr: str
     state_dir: str
-    lab: bool = False          # start listeners for containerPorts and adopt pods without nodeName
+    lab: bool = False          # adopt pods without nodeName (their listeners: the lab's hooks)
     node_ips: tuple = ()
+    policy_map_max: int = 16384  # --bpf-policy-map-max: entries one endpoint may have
 
 
 def describe(res: Resource) -> str:
@@ -88,17 +90,21 @@ def pod_ports(pod: Pod) -> tuple[dict, list]:
 
 
 class ControlPlane:
-    def __init__(self, config: ControlPlaneConfig, store: Store):
+    def __init__(self, config: ControlPlaneConfig, store: Store, backend: NodeBackend | None = None,
+                 hooks: EndpointHooks | None = None):
         self.config = config
         self.store = store
+        self.hooks = hooks or EndpointHooks()
         os.makedirs(config.state_dir, exist_ok=True)
         self.identities = IdentityAllocator(os.path.join(config.state_dir, "identities.json"))
         self.ipam = IPAM(config.pod_cidr, reserved=[config.router_ip],
                          state_file=os.path.join(config.state_dir, "ipam.json"))
         self.repo = PolicyRepository()
-        self.manager = EndpointManager(config.datapath, config.node_netns, config.router_ip)
-        self.writer = PolicyWriter(self.manager.policy, self.manager.endpoints)
-        self.ipcache = IPCacheMap(config.datapath.pin_dir)
+        self.backend = backend or kernel_backend(config.datapath, config.node_netns, config.router_ip)
+        self.manager = self.backend.endpoints
+        self.ipcache = self.backend.ipcache
+        self.writer = PolicyWriter(self.backend.policy_map, self.backend.endpoint_map,
+                                   budget=config.policy_map_max)
         self.endpoints: dict[str, LocalEndpoint] = {}
         self._by_namespace: dict[str, set[str]] = {}  # namespace -> endpoint keys
         self.rejected: dict[tuple, ValidationError] = {}
@@ -107,44 +113,36 @@ class ControlPlane:
         # removed (the service manager derives backends and hostPorts from them).
         self.endpoint_listeners: list = []
         self.services = None  # the service manager, when the agent runs one
-        self.controllers: dict[str, ControllerStatus] = {}
-        self.revision = 1
+        self.reconciler = Reconciler("policy-regeneration", self.regenerate,
+                                     (PODS, NAMESPACES, SELECTORS), store=store)
+        self.controllers: dict[str, ControllerStatus] = {"policy-regeneration": self.reconciler.status}
         # Bumped after every regeneration: readers that cache what endpoints, identities
         # or policies say (Hubble's flow enrichment) drop their caches when it moves.
         self.generation = 0
-        # What changed since the last regeneration; the loop takes and clears these.
-        self._dirty_pods: set[str] = set()
-        self._dirty_namespaces: set[str] = set()
-        self._dirty_selectors: set = set()
         self._first_run = True
         self._cidr_ids: dict[ipaddress.IPv4Network, int] = {}
+        self._cidr_prefixes_seen: frozenset = frozenset()
         self._released_labels: dict[int, dict] = {}  # identities gone in this regeneration
         self._lock = threading.RLock()
-        self._dirty = threading.Event()
-        self._realized = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         store.subscribe(self._on_change)
+
+    @property
+    def revision(self) -> int:
+        return self.reconciler.revision
 
     # -- events ---------------------------------------------------------------------
 
     def _on_change(self, event: str, old: Resource | None, new: Resource | None) -> None:
         res = new or old
         if res.kind in POLICY_KINDS:
-            affected = self._on_policy(event, res)
-            with self._lock:
-                self._dirty_selectors |= affected
+            # Not under the regeneration lock: the repository has its own, and a store
+            # worker must not wait out a long pass.
+            self.reconciler.mark(SELECTORS, *self._on_policy(event, res))
         elif res.kind == "Pod":
-            with self._lock:
-                self._dirty_pods.add(f"{res.namespace}/{res.name}")
+            self.reconciler.mark(PODS, f"{res.namespace}/{res.name}")
         elif res.kind == "Namespace":
-            with self._lock:
-                self._dirty_namespaces.add(res.name)
-        else:
-            return  # Services, EndpointSlices and Nodes matter to later issues
-        with self._lock:
-            self.revision += 1
-        self._dirty.set()
+            self.reconciler.mark(NAMESPACES, res.name)
+        # Services, EndpointSlices and Nodes are the service manager's
 
     def _on_policy(self, event: str, res: Resource) -> set:
         """Updates the repository; returns the subject selectors whose endpoints need a new
@@ -159,37 +157,10 @@ class ControlPlane:
     # -- regeneration -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._dirty.set()
-        self._thread = threading.Thread(target=self._loop, name="regeneration", daemon=True)
-        self._thread.start()
+        self.reconciler.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._dirty.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._dirty.wait()
-            if self._stop.is_set():
-                return
-            self._dirty.clear()
-            self.store.wait_idle(5.0)  # let queued object changes land before reading the store
-            with self._lock:
-                revision = self.revision
-            status = self.controllers.setdefault("policy-regeneration", ControllerStatus())
-            status.runs += 1
-            try:
-                self.regenerate(revision)
-                status.last_success = time.time()
-                status.last_error = ""
-            except Exception as e:  # noqa: BLE001 - report, keep the agent, retry on next change
-                status.failures += 1
-                status.last_error = str(e)
-                log.exception("regeneration failed")
-                time.sleep(0.2)
-                self._dirty.set()
+        self.reconciler.stop()
 
     def _is_ours(self, pod: Pod) -> bool:
         assigned = pod.node_name
@@ -223,17 +194,16 @@ class ControlPlane:
         ns = self.store.get(("Namespace", "", namespace))
         return dict(ns.labels) if ns is not None else {}  # endpoint_labels adds the name label
 
-    def regenerate(self, revision: int) -> None:
+    def regenerate(self, dirty: dict, revision: int) -> None:
         """Brings the endpoints a change can affect to the desired state:
         pods that changed (or whose namespace did), endpoints a changed policy selects, and
         endpoints whose policies name a peer identity that appeared or went away. Everything
         else keeps its map state untouched, so the cost follows the change, not the node."""
         with self._lock:
-            dirty_pods, self._dirty_pods = self._dirty_pods, set()
-            namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
-            selectors, self._dirty_selectors = self._dirty_selectors, set()
-            full = self._first_run
-            self._first_run = False
+            self._regenerate(set(dirty[PODS]), dirty[NAMESPACES], dirty[SELECTORS], revision)
+
+    def _regenerate(self, dirty_pods: set, namespaces: set, selectors: set, revision: int) -> None:
+        full = self._first_run
         if full or namespaces:
             pods = self._node_pods()
         else:
@@ -254,36 +224,52 @@ class ControlPlane:
             try:
                 self._ensure_endpoint(key, pods[key])
                 to_resolve.add(key)
-                status = self.controllers.get(f"endpoint-{key}")
-                if status is not None and status.last_error:
-                    status.last_error = ""  # recovered
-                    status.last_success = time.time()
             except Exception as e:  # noqa: BLE001 - one pod failing must not stop the others
-                status = self.controllers.setdefault(f"endpoint-{key}", ControllerStatus())
-                status.failures += 1
-                status.last_error = str(e)
+                self._endpoint_failed(key, f"endpoint: {e}")
                 log.exception("endpoint %s failed; retrying", key)
-                self._retry_later(key)
-        for listener in self.endpoint_listeners:
-            listener(dirty_pods)
         identities = self.identities.all()
         changed_ids = before ^ set(identities)
         changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]
         subjects = set(selectors) | self._subjects_with_peers([l for l in changed_labels if l])
+        # A CIDR peer or the world entity covers every CIDR identity the repository names,
+        # including those of other policies: when that set moves, their endpoints must be
+        # resolved again, or they keep entries for an identity that was just released (and
+        # may be handed to another prefix).
+        cidr_prefixes = frozenset(self.repo.cidr_prefixes())
+        if cidr_prefixes != self._cidr_prefixes_seen:
+            subjects |= self._subjects_covering_cidrs()
+            self._cidr_prefixes_seen = cidr_prefixes
         for selector in subjects:
             to_resolve |= self._endpoints_selected(selector, to_resolve)
-        self._apply_policy(revision, to_resolve, identities)
+        readiness_moved = self._apply_policy(revision, to_resolve, identities)
+        # After the policy pass: an endpoint serves (is a backend) only once it is ready.
+        for listener in self.endpoint_listeners:
+            listener(dirty_pods | readiness_moved)
         self._released_labels.clear()
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
+        if full:
+            # Everything this node knows is claimed now: what else the pinned ipcache holds
+            # was written for pods or policies that went away while no agent ran.
+            self.ipcache.prune()
+        self._first_run = False
         self.generation += 1
 
-    def _retry_later(self, key: str, delay: float = 1.0) -> None:
-        with self._lock:
-            self._dirty_pods.add(key)
-        timer = threading.Timer(delay, self._dirty.set)
-        timer.daemon = True
-        timer.start()
+    def _endpoint_failed(self, key: str, error: str) -> None:
+        """Marks the endpoint not-ready with the reason and retries it after its backoff."""
+        status = self.controllers.setdefault(f"endpoint-{key}", ControllerStatus())
+        status.runs += 1
+        status.failed(error)
+        ep = self.endpoints.get(key)
+        if ep is not None:
+            ep.state, ep.error = NOT_READY, error
+        self.reconciler.requeue(PODS, key)
+
+    def _endpoint_succeeded(self, key: str) -> None:
+        status = self.controllers.setdefault(f"endpoint-{key}", ControllerStatus())
+        status.runs += 1
+        status.succeeded()
+        self.reconciler.succeeded(PODS, key)
 
     def _subjects_with_peers(self, labels_list: list) -> set:
         """Subject selectors of the rules that have a peer an identity with one of these
@@ -298,9 +284,18 @@ class ControlPlane:
                     subjects.add(rule.subject)
         return subjects
 
+    def _subjects_covering_cidrs(self) -> set:
+        subjects = set()
+        for key in self.repo.keys():
+            for rule in self.repo.get(key) or ():
+                if any(peer.cidrs or not WORLD_ENTITIES.isdisjoint(peer.entities)
+                       for direction in (INGRESS, EGRESS) for peer in rule.entries(direction)):
+                    subjects.add(rule.subject)
+        return subjects
+
     @staticmethod
     def _rule_peers_match(rule, labels_list: list) -> bool:
-        for direction in ("ingress", "egress"):
+        for direction in (INGRESS, EGRESS):
             for peer in rule.entries(direction):
                 # Of the entities only `cluster` grows with pods; host, world and the other
                 # reserved ones are fixed identities.
@@ -324,19 +319,22 @@ class ControlPlane:
             ep.named_ports, ep.container_ports = named, ports
             return
         identity = self.identities.acquire(labels)
-        ip = self.ipam.allocate(key)
-        name = key.replace("/", "-")
-        handle = self.manager.adopt(name, ip, identity) or self.manager.create(name, ip, identity)
+        try:
+            ip = self.ipam.allocate(key)
+            name = key.replace("/", "-")
+            handle = self.manager.adopt(name, ip, identity) or self.manager.create(
+                name, ip, identity, closed=True)
+        except BaseException:
+            self.identities.release(labels)
+            raise
         self.endpoints[key] = LocalEndpoint(key, handle, labels, identity, named, ports)
         self._by_namespace.setdefault(pod.namespace, set()).add(key)
-        if self.config.lab:
-            self._start_listener(key, handle, ports)
-        self.controllers.setdefault(f"endpoint-{key}", ControllerStatus()).runs += 1
+        self.hooks.endpoint_created(key, handle, ports)
 
     def _remove_endpoint(self, key: str) -> None:
         ep = self.endpoints.pop(key)
         self._by_namespace.get(key.split("/")[0], set()).discard(key)
-        self._stop_listener(key)
+        self.hooks.endpoint_removed(key)
         self._delete_endpoint(key)
         self._release_identity(ep)
         self.ipam.release(key)
@@ -347,7 +345,7 @@ class ControlPlane:
         self.identities.release(ep.labels)
 
     def _remove_stale(self, key: str) -> None:
-        self._stop_listener(key)
+        self.hooks.endpoint_removed(key)
         self._delete_endpoint(key)
         self.ipam.release(key)
 
@@ -362,13 +360,17 @@ class ControlPlane:
             self._cidr_ids[prefix] = self.identities.acquire_cidr(prefix)
         return self._cidr_ids[prefix]
 
-    def _apply_policy(self, revision: int, keys: set[str], identities: dict) -> None:
+    def _apply_policy(self, revision: int, keys: set[str], identities: dict) -> set[str]:
+        """Resolves and writes the policy of these endpoints; returns those whose readiness
+        changed."""
         peer_ports: dict[int, dict] = {}
         for ep in self.endpoints.values():
             peer_ports.setdefault(ep.identity, {}).update(ep.named_ports)
         # One index for the whole pass: each peer selector meets the identities once.
         peers = PeerIndex(identities, self._cidr_identity, self.repo.cidr_prefixes())
-        for key in keys:
+        failed: set[str] = set()
+        was_ready = {k: ep.state == READY for k, ep in self.endpoints.items() if k in keys}
+        for key in sorted(keys):
             ep = self.endpoints.get(key)
             if ep is None:
                 continue
@@ -376,75 +378,77 @@ class ControlPlane:
                                   named_ports=ep.named_ports)
             policy = resolve(ctx, self.repo, identities, self._cidr_identity,
                              peer_named_ports=peer_ports, peers=peers)
+            # Below a pod's own /32 or the node's addresses (SOURCE_LOCAL wins): a rule naming
+            # them never takes their identity away.
             for prefix, identity in policy.cidrs.items():
-                self.ipcache.upsert(prefix, identity)
-            self.writer.apply(ep.handle.ip, ep.handle.endpoint_id, policy.rules,
-                              enforce_ingress=policy.ingress_enforced,
-                              enforce_egress=policy.egress_enforced)
+                self.ipcache.upsert(prefix, identity, SOURCE_GENERATED)
+            try:
+                self.writer.apply(ep.handle.ip, ep.handle.endpoint_id, policy.rules,
+                                  enforce_ingress=policy.ingress_enforced,
+                                  enforce_egress=policy.egress_enforced)
+            except PolicyRealizeError as e:
+                failed.add(key)
+                self._endpoint_failed(key, f"policy not realized, {self._fail_closed(ep, policy)}: {e}")
+                log.error("endpoint %s: %s", key, ep.error)
+                continue
             ep.ingress_enforced, ep.egress_enforced = policy.ingress_enforced, policy.egress_enforced
             ep.rule_count = len(policy.rules)
+            ep.has_policy = True
+            ep.state, ep.error = READY, ""
+            self._endpoint_succeeded(key)
+        # The CIDR identities in the ipcache follow the rules, not which endpoints happened to
+        # be resolved in this pass: the same policies give the same ipcache, however reached.
         used = {ipaddress.IPv4Network(p) for p in self.repo.cidr_prefixes()}
+        # (Unchanged claims cost a dict lookup: the owner writes only what moves.)
+        for prefix in sorted(used):
+            self.ipcache.upsert(prefix, self._cidr_identity(prefix), SOURCE_GENERATED)
         for prefix in [p for p in self._cidr_ids if p not in used]:
-            self.ipcache.remove(prefix)
+            self.ipcache.remove(prefix, SOURCE_GENERATED)
             self.identities.release_cidr(prefix)
             del self._cidr_ids[prefix]
-        with self._realized:
-            for ep in self.endpoints.values():
+        for key, ep in self.endpoints.items():
+            if ep.state == READY and key not in failed:
                 ep.realized_revision = revision
-            self._realized_revision = revision
-            self._realized.notify_all()
+        return {k for k, ready in was_ready.items()
+                if k in self.endpoints and (self.endpoints[k].state == READY) != ready}
+
+    def _fail_closed(self, ep: LocalEndpoint, policy) -> str:
+        """After a failed write the endpoint's entries are what they were. A direction the
+        new policy enforces and the old state did not would be open: it is switched to
+        enforcing with none of the new policy's entries, i.e. denying everything. Returns
+        what the endpoint does now, in words."""
+        was = {INGRESS: ep.ingress_enforced, EGRESS: ep.egress_enforced}
+        wanted = {INGRESS: policy.ingress_enforced, EGRESS: policy.egress_enforced}
+        closed = [d for d in (INGRESS, EGRESS) if wanted[d] and not was[d]]
+        if closed or not ep.has_policy:
+            ep.ingress_enforced = was[INGRESS] or wanted[INGRESS]
+            ep.egress_enforced = was[EGRESS] or wanted[EGRESS]
+            self.backend.endpoint_map.set_policy_enforcement(
+                ep.handle.ip, ingress=ep.ingress_enforced, egress=ep.egress_enforced)
+        if not ep.has_policy:
+            return "denying all traffic"  # created closed, never realized
+        kept = [d for d in (INGRESS, EGRESS) if was[d]]
+        said = [f"denying all {' and '.join(closed)} traffic"] if closed else []
+        said += [f"previous {' and '.join(kept)} policy kept"] if kept else []
+        return ", ".join(said)
 
     # -- waiting ----------------------------------------------------------------------
 
     def realized_revision(self) -> int:
-        return getattr(self, "_realized_revision", 0)
+        return self.reconciler.realized_revision
 
     def wait_for_revision(self, revision: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._realized:
-            while self.realized_revision() < revision:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._realized.wait(left)
-        return True
+        return self.reconciler.wait_for_revision(revision, timeout)
 
-    # -- lab listeners ----------------------------------------------------------------
+    def endpoint_states(self) -> dict[str, int]:
+        with self._lock:
+            states = [ep.state for ep in self.endpoints.values()]
+        return {state: states.count(state) for state in set(states)}
 
-    def _pidfile(self, key: str) -> str:
-        return os.path.join(self.config.state_dir, "listeners", key.replace("/", "_") + ".pid")
-
-    def _start_listener(self, key: str, handle: EndpointHandle, ports: list) -> None:
-        pidfile = self._pidfile(key)
-        if os.path.exists(pidfile) and _alive(_read_pid(pidfile)):
-            return  # started by an earlier agent; it keeps serving across the restart
-        args = [sys.executable, "-m", "cilium_py.lab.listener", "--name", key]
-        for port, proto in ports:
-            if proto in ("TCP", "UDP"):
-                args += [f"--{proto.lower()}", str(port)]
-        if len(args) == 5:
-            return
-        # A session of its own: the listener outlives an agent restart, as a container would.
-        proc = netns.popen(handle.netns, args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           start_new_session=True, text=True)
-        # The pod counts as ready once its ports listen, so `lab up` never returns into
-        # connections refused by a listener still importing Python.
-        ready = proc.stdout.readline().strip() == "ready"
-        proc.stdout.close()
-        if not ready:
-            raise RuntimeError(f"listener for {key} exited before listening (ports {ports})")
-        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
-        with open(pidfile, "w") as f:
-            f.write(str(proc.pid))
-
-    def _stop_listener(self, key: str) -> None:
-        pidfile = self._pidfile(key)
-        if not os.path.exists(pidfile):
-            return
-        pid = _read_pid(pidfile)
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-        os.unlink(pidfile)
+    def failed_endpoints(self) -> dict[str, str]:
+        """Endpoints that do not enforce the current policy, with the reason."""
+        with self._lock:
+            return {k: ep.error for k, ep in sorted(self.endpoints.items()) if ep.state != READY}
 
     # -- views for the API ------------------------------------------------------------
 
@@ -459,37 +463,19 @@ class ControlPlane:
             "labels": format_labels(ep.labels), "ipv4": str(ep.handle.ip),
             "policy_enforcement": {"ingress": ep.ingress_enforced, "egress": ep.egress_enforced},
             "policy_revision": ep.realized_revision, "policy_entries": ep.rule_count,
-            "status": ep.state, "netns": ep.handle.netns, "interface": ep.handle.host_ifname,
-            "ifindex": ep.handle.ifindex,
+            "status": ep.state, "error": ep.error, "netns": ep.handle.netns,
+            "interface": ep.handle.host_ifname, "ifindex": ep.handle.ifindex,
         }
 
     def policy_view(self) -> dict:
         return {
             "revision": self.revision,
             "realized_revision": self.realized_revision(),
+            "failed_endpoints": self.failed_endpoints(),
             "policies": [{"kind": k[0], "namespace": k[1], "name": k[2]} for k in self.repo.keys()],
             "rejected": [e.to_dict() for e in self.rejected.values()]
                         + [e.to_dict() for e in self.source_errors_fn()],
         }
 
     def close(self) -> None:
-        self.manager.close()
-        self.ipcache.close()
-
-
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        self.backend.close()

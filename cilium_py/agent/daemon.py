@@ -19,12 +19,15 @@ from pyroute2 import IPRoute
 
 from cilium_py import defaults
 from cilium_py.agent.api import APIServer
+from cilium_py.agent.backend import kernel_backend
 from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
 from cilium_py.agent.ctgc import ConntrackGC
 from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.agent.hubble import Hubble, HubbleConfig
+from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.paths import RunPaths
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
 from cilium_py.agent.services.wiring import kpr_status, start_services
@@ -58,7 +61,7 @@ class AgentConfig:
     manifests: str = ""             # directory of YAML the manifests source watches
     pod_cidr: str = ""              # this node's pod addresses (manifests mode)
     router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
-    state_dir: str = ""             # identities, IPAM, listeners; survives restarts
+    state_dir: str = ""             # identities, IPAM; survives restarts and reboots
     lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
     hubble: HubbleConfig = field(default_factory=HubbleConfig)
     prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)
@@ -72,20 +75,8 @@ class AgentConfig:
     maglev_hash_seed: str = DEFAULT_SEED
 
     @property
-    def run_state_dir(self) -> str:
-        return os.path.join(self.run_dir, self.datapath.node)
-
-    @property
-    def monitor_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "monitor.sock")
-
-    @property
-    def ready_file(self) -> str:
-        return os.path.join(self.run_state_dir, "agent.ready")
-
-    @property
-    def api_socket(self) -> str:
-        return os.path.join(self.run_state_dir, "ciliumpy.sock")
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir, self.datapath.node)
 
 
 class Agent:
@@ -94,7 +85,7 @@ class Agent:
         self.loaded = None
         self.gc: ConntrackGC | None = None
         self.reader: EventReader | None = None
-        self.monitor = MonitorServer(config.monitor_socket)
+        self.monitor = MonitorServer(config.paths.monitor_socket)
         self.start_seconds = 0.0
         self.reattached = 0
         self.started_at = time.time()
@@ -102,11 +93,12 @@ class Agent:
         self.source = None
         self.control = None
         self.services = None
-        self.api = APIServer(config.api_socket, self)
+        self.api = APIServer(config.paths.api_socket, self)
         self.hubble: Hubble | None = None
         self.metrics = None
         self._metrics_servers = []
         self.metrics_addresses: dict[str, str] = {}
+        self.ipcache: IPCache | None = None  # the process's one ipcache writer
 
     def start(self) -> None:
         cfg = self.config
@@ -117,8 +109,8 @@ class Agent:
             raise AgentError(f"node namespace {cfg.node_netns!r} is the machine's root network "
                              f"namespace; the agent never attaches programs there")
         started = time.monotonic()
-        if os.path.exists(cfg.ready_file):
-            os.unlink(cfg.ready_file)
+        if os.path.exists(cfg.paths.ready_file):
+            os.unlink(cfg.paths.ready_file)
         self.loaded = loader.load(cfg.datapath)
         self._register_node_addresses()
         manager = EndpointManager(cfg.datapath, cfg.node_netns)
@@ -143,7 +135,7 @@ class Agent:
         self.reader.start()
         self.api.start()
         self.start_seconds = time.monotonic() - started
-        with open(cfg.ready_file, "w") as f:
+        with open(cfg.paths.ready_file, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.info("agent for node %s ready in %.2fs (%d endpoints re-attached)",
                  cfg.datapath.node, self.start_seconds, self.reattached)
@@ -156,14 +148,25 @@ class Agent:
         self.store = Store()
         self.control = ControlPlane(ControlPlaneConfig(
             datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
-            pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips),
-            self.store)
+            pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips,
+            policy_map_max=cfg.datapath.policy_map_max),
+            self.store, kernel_backend(cfg.datapath, cfg.node_netns, cfg.router_ip, self.ipcache),
+            hooks=self._endpoint_hooks())
         self.source = ManifestsSource(cfg.manifests, self.store)
         self.control.source_errors_fn = lambda: self.source.errors
         self.source.sync_once()
         self.control.start()
         self.services = start_services(cfg, self.store, self.control)
         self.source.start()
+
+    def _endpoint_hooks(self):
+        """In lab mode each pod gets a listener standing in for its containers; the lab
+        owns that, so it is imported only then."""
+        if not self.config.lab:
+            return None
+        from cilium_py.lab.listeners import LabListeners
+
+        return LabListeners(self.config.paths.listeners)
 
     def _start_observability(self) -> None:
         """Prometheus metrics and Hubble. The agent's policy-verdict counter and the Hubble
@@ -174,6 +177,7 @@ class Agent:
             self.metrics = AgentMetrics(
                 cfg.datapath.pin_dir,
                 endpoint_count_fn=lambda: len(self.control.endpoints) if self.control else 0,
+                endpoint_states_fn=lambda: self.control.endpoint_states() if self.control else {},
                 lost_fn=self._lost_counts)
             observers.append(self.metrics.observe_flow)
             self._serve_metrics("agent", cfg.prometheus_address, self.metrics.registry)
@@ -236,9 +240,11 @@ class Agent:
                 pressure[table.NAME] = round(len(table.items()) / table.max_entries, 4)
         finally:
             tables.close()
+        control = self.control
+        if control is not None and control.writer.capacity():
+            pressure["ciliumpy_policy"] = round(control.writer.entry_count() / control.writer.capacity(), 4)
         with EventsLostMap(pin) as lost:
             events_lost = lost.total()
-        control = self.control
         controllers = {}
         if control is not None:
             controllers = {name: vars(c) for name, c in sorted(control.controllers.items())}
@@ -256,7 +262,9 @@ class Agent:
             "endpoints": len(control.endpoints) if control else 0,
             "identities": len(control.identities.all()) if control else 0,
             "policy": {"revision": control.revision if control else 0,
-                       "realized": control.realized_revision() if control else 0},
+                       "realized": control.realized_revision() if control else 0,
+                       "failed_endpoints": control.failed_endpoints() if control else {},
+                       "map_max_per_endpoint": self.config.datapath.policy_map_max},
             "map_pressure": pressure,
             "hubble": self.hubble.status() if self.hubble else {"enabled": False},
             "metrics": dict(self.metrics_addresses),
@@ -265,16 +273,15 @@ class Agent:
         }
 
     def _register_node_addresses(self) -> None:
+        self.ipcache = IPCache(IPCacheMap(self.config.datapath.pin_dir))
         endpoints = EndpointMap(self.config.datapath.pin_dir)
-        ipcache = IPCacheMap(self.config.datapath.pin_dir)
         try:
             for ip in self.config.node_ips:
-                ipcache.upsert(ip, IDENTITY_HOST)
+                self.ipcache.upsert(ip, IDENTITY_HOST, SOURCE_LOCAL)
                 endpoints.upsert(ip, endpoint_id=0, ifindex=0, identity=IDENTITY_HOST,
                                  flags=ENDPOINT_F_HOST)
         finally:
             endpoints.close()
-            ipcache.close()
 
     def _attach_socket_lb(self) -> None:
         """Socket LB on the cgroup root: the new programs attached before the old ones go
@@ -306,8 +313,8 @@ class Agent:
 
     def stop(self) -> None:
         """Stops the agent's threads. Programs stay attached and maps stay pinned."""
-        if os.path.exists(self.config.ready_file):
-            os.unlink(self.config.ready_file)
+        if os.path.exists(self.config.paths.ready_file):
+            os.unlink(self.config.paths.ready_file)
         self.api.stop()
         if self.source:
             self.source.stop()
@@ -326,6 +333,9 @@ class Agent:
         if self.gc:
             self.gc.stop()
         self.monitor.stop()
+        if self.ipcache is not None:
+            self.ipcache.map.close()
+            self.ipcache = None
 
     def run_forever(self) -> None:
         done = threading.Event()

@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
+from cilium_py.agent.paths import pod_netns
 from cilium_py.datapath import attach, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.loader import open_pinned_program
-from cilium_py.datapath.maps.endpoints import Endpoint, EndpointMap
+from cilium_py.datapath.maps.endpoints import (
+    ENDPOINT_F_POLICY_EGRESS,
+    ENDPOINT_F_POLICY_INGRESS,
+    Endpoint,
+    EndpointMap,
+)
 from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.datapath.maps.policy import PolicyMap
 
@@ -64,17 +71,21 @@ def host_ifname(pod_netns: str) -> str:
 
 
 class EndpointManager:
-    def __init__(self, config: DatapathConfig, node_netns: str, router_ip=None):
-        """`router_ip` is the pods' gateway; only creating endpoints needs it."""
+    def __init__(self, config: DatapathConfig, node_netns: str, router_ip=None,
+                 ipcache: IPCache | None = None):
+        """`router_ip` is the pods' gateway; only creating endpoints needs it. `ipcache` is
+        the process's ipcache owner (the agent's, shared with its other writers); without
+        one the manager owns one of its own."""
         self.config = config
         self.node_netns = node_netns
         self.router_ip = ipaddress.IPv4Address(router_ip) if router_ip is not None else None
         self.endpoints = EndpointMap(config.pin_dir)
-        self.ipcache = IPCacheMap(config.pin_dir)
+        self._own_ipcache = ipcache is None
+        self.ipcache = ipcache if ipcache is not None else IPCache(IPCacheMap(config.pin_dir))
         self.policy = PolicyMap(config.pin_dir)
 
     def pod_netns(self, name: str) -> str:
-        return f"{self.node_netns}-pod-{name}"
+        return pod_netns(self.node_netns, name)
 
     def _allocate_id(self) -> int:
         used = {e.endpoint_id for e in self.endpoints.list()}
@@ -83,7 +94,10 @@ class EndpointManager:
                 return candidate
         raise EndpointError("no free endpoint ID: 65535 endpoints exist on this node")
 
-    def create(self, name: str, ip, identity: int) -> EndpointHandle:
+    def create(self, name: str, ip, identity: int, *, closed: bool = False) -> EndpointHandle:
+        """`closed`: the endpoint enforces both directions from its first packet, with no
+        entries yet, so it denies everything until its policy is written (the control
+        plane's endpoints); without it, it allows everything until told otherwise."""
         ip = ipaddress.IPv4Address(ip)
         if self.router_ip is None:
             raise EndpointError(f"endpoint {name}: no router IP given to the endpoint manager")
@@ -103,9 +117,10 @@ class EndpointManager:
                 ifindex, node_mac = link["index"], link.get_attr("IFLA_ADDRESS")
             mac = self._setup_pod(pod_ns, ip, node_mac)
             # Map entries before programs and link: the first packet must find its endpoint.
+            flags = (ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS) if closed else 0
             self.endpoints.upsert(ip, endpoint_id=endpoint_id, ifindex=ifindex, identity=identity,
-                                  mac=mac, node_mac=node_mac)
-            self.ipcache.upsert(ip, identity)
+                                  mac=mac, node_mac=node_mac, flags=flags)
+            self.ipcache.upsert(ip, identity, SOURCE_LOCAL)
             with netns.entered(self.node_netns), IPRoute() as ipr:
                 self._attach(ipr, ifindex)
                 ipr.link("set", index=ifindex, state="up")
@@ -162,6 +177,8 @@ class EndpointManager:
             return None
         if ep.identity != identity:
             self.set_identity(ip, identity)
+        else:
+            self.ipcache.upsert(ip, identity, SOURCE_LOCAL)  # this process claims it too
         return EndpointHandle(name, ep.endpoint_id, ipaddress.IPv4Address(ip), identity, pod_ns,
                               host_ifname(pod_ns), ifindex)
 
@@ -172,7 +189,7 @@ class EndpointManager:
             raise EndpointError(f"no endpoint with IP {ip}")
         self.endpoints.upsert(ip, endpoint_id=ep.endpoint_id, ifindex=ep.ifindex, identity=identity,
                               mac=ep.mac, node_mac=ep.node_mac, flags=ep.flags)
-        self.ipcache.upsert(ip, identity)
+        self.ipcache.upsert(ip, identity, SOURCE_LOCAL)
 
     def reattach_all(self, prog_fds: dict[str, int]) -> int:
         """Puts new programs on every endpoint's device, replacing the old ones in place.
@@ -207,7 +224,7 @@ class EndpointManager:
         """Removes whatever exists of an endpoint; safe to call on a half-made one."""
         if ip is not None:
             self.endpoints.remove(ip)
-            self.ipcache.remove(ip)
+            self.ipcache.remove(ip, SOURCE_LOCAL)
         if endpoint_id is not None:
             for key in self.policy.entries(endpoint_id):
                 self.policy.remove(key)
@@ -223,5 +240,6 @@ class EndpointManager:
 
     def close(self) -> None:
         self.endpoints.close()
-        self.ipcache.close()
+        if self._own_ipcache:
+            self.ipcache.map.close()
         self.policy.close()

@@ -235,6 +235,36 @@ def _log_read_failure(what: str, e: OSError) -> None:
     log.log(level, "metrics scrape: cannot read %s: %s", what, e)
 
 
+class EndpointStates:
+    """`ciliumpy_endpoint_state{endpoint_state=...}`, as Cilium's cilium_endpoint_state: an
+    endpoint whose policy could not be realized counts as not-ready, so an alert on it
+    catches what the regeneration loop retries."""
+
+    STATES = ("ready", "not-ready")
+
+    def __init__(self, states_fn: Callable[[], dict[str, int]]):
+        self.states_fn = states_fn
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("ciliumpy_endpoint_state", "Number of endpoints by state",
+                                 labels=["endpoint_state"])
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self.states_fn()
+        except Exception as e:  # noqa: BLE001 - this family only, not the whole scrape
+            _log_read_failure("endpoint states", e)
+            return
+        family = self._family()
+        for state in sorted(set(self.STATES) | set(counts)):
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
 class AgentMetrics:
     """The agent's metrics registry: datapath counters read at scrape time, the endpoint
     count from a callback, and policy verdicts counted from Hubble flows."""
@@ -244,9 +274,12 @@ class AgentMetrics:
                  metrics_reader: MetricsReader | None = None,
                  pressure_reader: Callable[[], dict[str, float]] | None = None,
                  events_lost_reader: Callable[[], int] | None = None,
-                 pressure_interval: float = DEFAULT_PRESSURE_INTERVAL):
+                 pressure_interval: float = DEFAULT_PRESSURE_INTERVAL,
+                 endpoint_states_fn: Callable[[], dict[str, int]] | None = None):
         self.pin_dir = pin_dir
         self.registry = CollectorRegistry()
+        if endpoint_states_fn is not None:
+            self.registry.register(EndpointStates(endpoint_states_fn))
         self.endpoints = Gauge("ciliumpy_endpoint_count", "Number of endpoints managed by this "
                                "agent", registry=self.registry)
         self.endpoints.set_function(functools.partial(_call_or_nan, endpoint_count_fn))

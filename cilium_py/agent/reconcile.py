@@ -79,11 +79,15 @@ class Reconciler:
     marked since the last pass) and the revision those marks cover. `store`, when given,
     is waited on until idle before each pass, so queued object changes land first.
     `resync_interval`: with nothing marked for that long, `on_resync()` runs and a pass
-    follows (drift repair)."""
+    follows (drift repair). `lock` is held across each pass, from taking the dirty sets to
+    marking the revision realized: two threads running passes (a test's `run_once` next to
+    the loop) then realize revisions in order, never a later one before an earlier one's
+    changes are written. Give the controller's own lock when its readers must not see a
+    pass half done; by default the reconciler has its own."""
 
     def __init__(self, name: str, reconcile: Callable[[Dirty, int], object], sets: tuple[str, ...],
                  *, store=None, resync_interval: float | None = None,
-                 on_resync: Callable[[], object] | None = None):
+                 on_resync: Callable[[], object] | None = None, lock=None):
         self.name = name
         self._reconcile = reconcile
         self._set_names = tuple(sets)
@@ -93,7 +97,8 @@ class Reconciler:
         self.status = ControllerStatus()
         self.revision = 1
         self._realized_revision = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()              # the dirty sets and the revision
+        self._pass_lock = lock if lock is not None else threading.RLock()
         self._dirty: Dirty = {n: set() for n in self._set_names}
         self._backoff = Backoff()
         self._realized = threading.Condition()
@@ -150,16 +155,17 @@ class Reconciler:
     def run_once(self) -> object:
         """One pass in the caller's thread (tests, and the loop itself). Raises what the
         controller raised, after putting its dirty sets back."""
-        taken, revision = self.take()
-        self.status.runs += 1
-        try:
-            result = self._reconcile(taken, revision)
-        except Exception as e:
-            self.put_back(taken)
-            self.status.failed(str(e) or type(e).__name__)
-            raise
-        self.status.succeeded()
-        self._mark_realized(revision)
+        with self._pass_lock:
+            taken, revision = self.take()
+            self.status.runs += 1
+            try:
+                result = self._reconcile(taken, revision)
+            except Exception as e:
+                self.put_back(taken)
+                self.status.failed(str(e) or type(e).__name__)
+                raise
+            self.status.succeeded()
+            self._mark_realized(revision)
         return result
 
     def _mark_realized(self, revision: int) -> None:

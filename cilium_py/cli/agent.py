@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
 from cilium_py import defaults
 from cilium_py.agent.daemon import Agent, AgentConfig, AgentError
 from cilium_py.agent.hubble import HubbleConfig
+from cilium_py.agent.paths import RunPaths
 from cilium_py.hubble.ring import DEFAULT_CAPACITY, MAX_CAPACITY
 from cilium_py.datapath.config import (AGGREGATION_LEVELS, EVENT_BACKENDS, LB_ACCELERATIONS,
                                        NO_BACKEND_RESPONSES, DatapathConfig)
@@ -139,6 +139,10 @@ def _lb_config(bpf_lb_algorithm, bpf_lb_maglev_table_size, bpf_lb_maglev_hash_se
 @click.option("--bpf-ct-timeout-regular-tcp-syn", type=int, default=defaults.CT_TIMEOUT_REGULAR_TCP_SYN, show_default=True)
 @click.option("--bpf-ct-timeout-regular-tcp-fin", type=int, default=defaults.CT_TIMEOUT_REGULAR_TCP_FIN, show_default=True)
 @click.option("--bpf-ct-timeout-regular-any", type=int, default=defaults.CT_TIMEOUT_REGULAR_ANY, show_default=True)
+@click.option("--bpf-policy-map-max", type=click.IntRange(16, 1 << 20), default=defaults.POLICY_MAP_MAX,
+              show_default=True, help="policy entries one endpoint may have; an endpoint whose policy "
+                                      "needs more stays on its previous policy (or denies all) and is "
+                                      "reported not-ready")
 @click.option("--conntrack-gc-interval", type=float, default=defaults.CT_GC_INTERVAL, show_default=True)
 @click.option("--events", type=click.Choice(EVENT_BACKENDS), default="ringbuf", show_default=True,
               help="event transport: BPF ring buffer or perf buffer")
@@ -173,8 +177,8 @@ def _lb_config(bpf_lb_algorithm, bpf_lb_maglev_table_size, bpf_lb_maglev_hash_se
 @click.option("-v", "--verbose", is_flag=True)
 def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_ct_global_tcp_max,
           bpf_ct_global_any_max, bpf_ct_timeout_regular_tcp, bpf_ct_timeout_regular_tcp_syn,
-          bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, conntrack_gc_interval,
-          events, monitor_aggregation, manifests, pod_cidr, router_ip, state_dir, lab,
+          bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, bpf_policy_map_max,
+          conntrack_gc_interval, events, monitor_aggregation, manifests, pod_cidr, router_ip, state_dir, lab,
           enable_hubble, hubble_socket_path, hubble_listen_address, hubble_event_buffer_capacity,
           hubble_metrics, hubble_metrics_server, prometheus_serve_addr, cgroup_root, bpf_lb_sock,
           service_no_backend_response, bpf_lb_acceleration, verbose, **lb_options):
@@ -191,13 +195,13 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
         ct_timeout_syn=bpf_ct_timeout_regular_tcp_syn, ct_timeout_fin=bpf_ct_timeout_regular_tcp_fin,
         ct_timeout_any=bpf_ct_timeout_regular_any, events=events,
         monitor_aggregation=monitor_aggregation, service_no_backend_response=service_no_backend_response,
-        lb_acceleration=bpf_lb_acceleration, **lb_datapath)
+        lb_acceleration=bpf_lb_acceleration, policy_map_max=bpf_policy_map_max, **lb_datapath)
     config = AgentConfig(datapath=datapath, node_netns=node_netns, devices=tuple(devices),
                          xdp_mode=xdp_mode, run_dir=run_dir, gc_interval=conntrack_gc_interval,
                          node_ips=tuple(node_ips), manifests=manifests, pod_cidr=pod_cidr,
                          router_ip=router_ip, state_dir=state_dir, lab=lab,
                          hubble=_hubble_config(enable_hubble, hubble_socket_path or
-                                               os.path.join(run_dir, "hubble.sock"),
+                                               RunPaths(run_dir, node).hubble_socket,
                                                hubble_listen_address, hubble_event_buffer_capacity,
                                                hubble_metrics, hubble_metrics_server),
                          prometheus_address=prometheus_serve_addr,

@@ -54,7 +54,11 @@ def status(node, run_dir, output):
         click.echo(f"  {name}: {c['failures']} failures, last error: {c['last_error']}")
     click.echo(f"Endpoints:          {s['endpoints']}")
     click.echo(f"Identities:         {s['identities']}")
-    click.echo(f"Policy revision:    {s['policy']['revision']} (realized {s['policy']['realized']})")
+    failed = s["policy"].get("failed_endpoints") or {}
+    click.echo(f"Policy revision:    {s['policy']['revision']} (realized {s['policy']['realized']}"
+               + (f", {len(failed)} endpoints not realized)" if failed else ")"))
+    for pod, why in failed.items():
+        click.echo(f"  {pod}: {why}")
     pressure = ", ".join(f"{k} {v:.1%}" for k, v in s["map_pressure"].items())
     click.echo(f"Map pressure:       {pressure}")
     hubble = s.get("hubble", {})
@@ -120,6 +124,9 @@ def endpoint_list(node, run_dir, output):
                         ("POLICY (egress) ENFORCEMENT", "egress"), ("IDENTITY", "identity"),
                         ("LABELS (source:key[=value])", "label"), ("IPv4", "ipv4"),
                         ("STATUS", "status")], empty="No endpoints.")
+    for ep in eps:
+        if ep.get("error"):
+            click.echo(f"endpoint {ep['id']} ({ep['pod']}) {ep['status']}: {ep['error']}")
 
 
 @endpoint.command("get")
@@ -214,4 +221,8 @@ def policy_wait(revision, timeout, node, run_dir):
     if not result["realized"]:
         raise click.ClickException(f"revision {revision} not realized within {timeout}s "
                                    f"(realized: {result['revision']})")
+    failed = result.get("failed_endpoints") or {}
+    if failed:
+        raise click.ClickException(f"revision {revision} not realized on {len(failed)} endpoint(s):\n"
+                                   + "\n".join(f"  {pod}: {why}" for pod, why in failed.items()))
     click.echo(f"Revision {revision} realized (now {result['revision']})")

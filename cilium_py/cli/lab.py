@@ -34,35 +34,34 @@ def lab():
     """A node namespace with pods from Pod manifests, an agent, and policies, on this machine."""
 
 
-@lab.command()
-@click.option("-f", "--filename", "path", required=True, type=click.Path(exists=True),
-              help="manifest file or directory")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
-@lab_name
+def manifests_command(timeout: float):
+    """A lab command that takes manifests (-f FILE|DIR) and a time limit."""
+    def decorate(fn):
+        fn = lab_name(fn)
+        fn = click.option("--timeout", type=float, default=timeout, show_default=True)(fn)
+        fn = click.option("-f", "--filename", "path", required=True, type=click.Path(exists=True),
+                          help="manifest file or directory")(fn)
+        return lab.command()(fn)
+    return decorate
+
+
+@manifests_command(timeout=120.0)
 def up(path, timeout, name):
     """Create the lab and wait until every pod enforces the current policy."""
     result = _run(_lab(name).up, path, timeout=timeout)
     click.echo(f"lab {name} is up: {result['endpoints']} endpoints, policy revision {result['revision']}")
 
 
-@lab.command()
-@click.option("-f", "--filename", "path", required=True, type=click.Path(exists=True))
-@click.option("--timeout", type=float, default=60.0, show_default=True)
-@lab_name
+@manifests_command(timeout=60.0)
 def apply(path, timeout, name):
     """Add or change objects, like kubectl apply; returns once enforced."""
-    result = _run(_lab(name).apply, path, timeout=timeout)
-    click.echo(f"applied; policy revision {result['revision']} realized")
+    click.echo(f"applied; policy revision {_run(_lab(name).apply, path, timeout=timeout)['revision']} realized")
 
 
-@lab.command()
-@click.option("-f", "--filename", "path", required=True, type=click.Path(exists=True))
-@click.option("--timeout", type=float, default=60.0, show_default=True)
-@lab_name
+@manifests_command(timeout=60.0)
 def delete(path, timeout, name):
     """Remove the objects the files define, like kubectl delete; returns once enforced."""
-    result = _run(_lab(name).delete, path, timeout=timeout)
-    click.echo(f"deleted; policy revision {result['revision']} realized")
+    click.echo(f"deleted; policy revision {_run(_lab(name).delete, path, timeout=timeout)['revision']} realized")
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})

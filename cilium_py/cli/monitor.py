@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import click
 
 from cilium_py import defaults
+from cilium_py.agent.paths import RunPaths
 
 TYPES = ("drop", "trace", "policy-verdict")
 
@@ -33,7 +33,7 @@ def format_line(event: dict) -> str:
 @click.option("-n", "--count", type=int, default=0, help="exit after this many events")
 def monitor(node, run_dir, types, as_json, count):
     """Print datapath events as they happen (drops, traces, policy verdicts)."""
-    path = os.path.join(run_dir, node, "monitor.sock")
+    path = RunPaths(run_dir, node).monitor_socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)

@@ -33,6 +33,10 @@ class DatapathConfig:
     lb_map_max: int = 65536                 # --bpf-lb-map-max: services, backends, rev-NAT
     service_no_backend_response: str = "reject"  # --service-no-backend-response: reject|drop
     lb_acceleration: str = "disabled"       # --bpf-lb-acceleration: native = NodePort in XDP
+    # --bpf-policy-map-max: entries one endpoint may have. Cilium gives each endpoint a map
+    # of this size; here all share one LPM map sized for POLICY_MAP_ENDPOINTS endpoints at
+    # their full budget (no preallocation: the size costs nothing until used).
+    policy_map_max: int = defaults.POLICY_MAP_MAX
 
     def __post_init__(self):
         if self.events not in EVENT_BACKENDS:
@@ -52,6 +56,8 @@ class DatapathConfig:
         if self.lb_acceleration not in LB_ACCELERATIONS:
             raise ValueError(f"bpf-lb-acceleration must be one of {', '.join(LB_ACCELERATIONS)}, "
                              f"not {self.lb_acceleration!r}")
+        if not 16 <= self.policy_map_max <= 1 << 20:
+            raise ValueError(f"bpf-policy-map-max {self.policy_map_max} is outside 16-{1 << 20}")
         if not self.node or "/" in self.node:
             raise ValueError(f"node name {self.node!r} must be non-empty and contain no '/'")
 
@@ -62,6 +68,10 @@ class DatapathConfig:
     @property
     def prog_dir(self) -> str:
         return os.path.join(self.pin_dir, "progs")
+
+    @property
+    def policy_map_size(self) -> int:
+        return self.policy_map_max * defaults.POLICY_MAP_ENDPOINTS
 
     def cflags(self) -> list[str]:
         flags = [
@@ -81,6 +91,7 @@ class DatapathConfig:
             f"-DLB_REVNAT_MAP_SIZE={self.lb_map_max}",
             f"-DSERVICE_NO_BACKEND_DROP={int(self.service_no_backend_response == 'drop')}",
             f"-DENABLE_NODEPORT_ACCELERATION={int(self.lb_acceleration == 'native')}",
+            f"-DPOLICY_MAP_SIZE={self.policy_map_size}",
         ]
         if self.events == "perf":
             flags.append("-DEVENTS_PERF")

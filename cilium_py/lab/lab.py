@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +21,13 @@ import yaml
 
 from cilium_py import defaults
 from cilium_py.agent.client import AgentClient
+from cilium_py.agent.paths import RunPaths, endpoint_name, pod_netns
 from cilium_py.datapath import netns
-from cilium_py.lab.node import NS_PREFIX, LabNode
+from cilium_py.lab.agentproc import AgentProcess, AgentProcessError
+from cilium_py.lab.harness import remove_pins, running_node
+from cilium_py.lab.listeners import LabListeners
+from cilium_py.lab.node import LabNode
+from cilium_py.lab.process import alive, stop_pid
 
 LAB_ROOT = os.path.join(defaults.RUN_DIR, "lab")
 DEFAULT_LAB = "lab"
@@ -58,6 +60,10 @@ class LabPaths:
     @property
     def info(self) -> Path:
         return self.root / "lab.json"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.root / "agent.log"
 
 
 def manifest_files(path: str | Path) -> list[Path]:
@@ -92,6 +98,7 @@ class Lab:
             raise LabError(f"lab name {name!r}: use up to 12 letters, digits or '-'")
         self.name = name
         self.paths = LabPaths(Path(root) / name)
+        self.run_paths = RunPaths(str(self.paths.run), name)  # the agent's sockets and files
         self.bpf_root = bpf_root
 
     # -- state --------------------------------------------------------------------------
@@ -110,7 +117,7 @@ class Lab:
         return os.path.join(CGROUP_ROOT, f"ciliumpy-lab-{self.name}")
 
     def client(self, timeout: float = 60.0) -> AgentClient:
-        return AgentClient(str(self.paths.run / self.name / "ciliumpy.sock"), timeout=timeout)
+        return AgentClient(self.run_paths.api_socket, timeout=timeout)
 
     @staticmethod
     def _free_index() -> int:
@@ -139,22 +146,31 @@ class Lab:
             shutil.copy(f, self.paths.manifests / f.name)
         info = {"index": index, "agent_pid": 0, "node_netns": node.netns, "bpf_root": self.bpf_root}
         self.paths.info.write_text(json.dumps(info))
-        try:
-            node.create()
+
+        def prepare(handle) -> None:
             os.makedirs(self.cgroup, exist_ok=True)
-            info["world_pid"] = self._start_world(node)
-            info["agent_pid"] = self._start_agent(node)
-            self.paths.info.write_text(json.dumps(info))
-            self._wait_ready(timeout)
-            self._link_default_hubble_socket()
-            return self.wait_realized(timeout)
+            # A listener outside the node, so policies about the world can be tried.
+            info["world_pid"] = handle.listen(node.ext_netns, "world", tcp=(WORLD_PORT,), detached=True).pid
+
+        try:
+            with running_node(node, bpf_root=self.bpf_root, run_dir=str(self.paths.run),
+                              agent=self._agent(node), prepare=prepare, ready_timeout=timeout) as handle:
+                info["agent_pid"] = handle.agent.pid
+                self.paths.info.write_text(json.dumps(info))
+                self._link_default_hubble_socket()
+                result = self.wait_realized(timeout)
+                handle.keep()  # the lab runs on after `lab up` returns; `lab down` removes it
+            return result
+        except AgentProcessError as e:
+            self.down()
+            raise LabError(f"the lab agent did not start: {e}") from None
         except BaseException:
             self.down()
             raise
 
     @property
     def hubble_socket(self) -> Path:
-        return self.paths.run / "hubble.sock"
+        return Path(self.run_paths.hubble_socket)
 
     @property
     def hubble_server(self) -> str:
@@ -180,14 +196,6 @@ class Lab:
             return True
         return False
 
-    @staticmethod
-    def _start_world(node: LabNode) -> int:
-        """A listener in the outside namespace, so policies about the world can be tried."""
-        proc = netns.popen(node.ext_netns, [sys.executable, "-m", "cilium_py.lab.listener",
-                                            "--name", "world", "--tcp", str(WORLD_PORT)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        return proc.pid
-
     def world_ip(self) -> str:
         return str(self._node().addressing.world_ip)
 
@@ -195,54 +203,33 @@ class Lab:
         """The node's address on its uplink: where the outside reaches NodePorts."""
         return str(self._node().addressing.uplink_ip)
 
-    def _start_agent(self, node: LabNode) -> int:
+    def _agent(self, node: LabNode) -> AgentProcess:
         a = node.addressing
-        argv = [sys.executable, "-m", "cilium_py.cli.main", "agent", "--node", self.name,
-                "--bpf-root", self.bpf_root, "--run-dir", str(self.paths.run),
-                "--node-netns", node.netns, "--device", "eth0", "--node-ip", str(a.router_ip),
-                "--node-ip", str(a.uplink_ip), "--manifests", str(self.paths.manifests),
-                "--pod-cidr", str(a.pod_cidr), "--router-ip", str(a.router_ip),
-                "--state-dir", str(self.paths.state), "--lab",
-                # Socket LB on the lab's own cgroup, the one `lab exec` runs commands in.
-                "--cgroup-root", self.cgroup,
-                # Ephemeral ports: several labs may run at once; `lab status` shows the ports.
-                "--prometheus-serve-addr", "127.0.0.1:0", "--hubble-metrics-server", "127.0.0.1:0",
-                "--hubble-metrics", "drop,tcp,flow,icmp,port-distribution"]
-        log = open(self.paths.root / "agent.log", "ab")
-        # Its own session: the agent keeps running after `lab up` returns.
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        log.close()
-        return proc.pid
+        return AgentProcess.for_node(
+            node, bpf_root=self.bpf_root, run_dir=str(self.paths.run), log_path=str(self.paths.agent_log),
+            detached=True,  # the agent keeps running after `lab up` returns
+            extra_args=("--manifests", str(self.paths.manifests), "--pod-cidr", str(a.pod_cidr),
+                        "--router-ip", str(a.router_ip), "--state-dir", str(self.paths.state), "--lab",
+                        # Socket LB on the lab's own cgroup, the one `lab exec` runs commands in.
+                        "--cgroup-root", self.cgroup,
+                        # Ephemeral ports: several labs may run at once; `lab status` shows the ports.
+                        "--prometheus-serve-addr", "127.0.0.1:0", "--hubble-metrics-server", "127.0.0.1:0",
+                        "--hubble-metrics", "drop,tcp,flow,icmp,port-distribution"))
 
-    def _agent_alive(self, pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        # A zombie still answers kill(0); its /proc status says so.
-        try:
-            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return False
-
-    def _wait_ready(self, timeout: float) -> None:
+    def start_agent(self, timeout: float = 60.0) -> None:
+        """Starts the lab's agent again (after `stop_agent`); returns once it is ready."""
         info = self._info()
-        ready = self.paths.run / self.name / "agent.ready"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready.exists():
-                return
-            if not self._agent_alive(info["agent_pid"]):
-                raise LabError(f"the lab agent exited; its log:\n{self.agent_log_tail()}")
-            time.sleep(0.05)
-        raise LabError(f"the lab agent was not ready within {timeout}s; its log:\n{self.agent_log_tail()}")
+        agent = self._agent(self._node(info))
+        try:
+            agent.start(timeout)
+        except AgentProcessError as e:
+            raise LabError(f"the lab agent did not start: {e}") from None
+        info["agent_pid"] = agent.pid
+        self.paths.info.write_text(json.dumps(info))
 
-    def agent_log_tail(self, lines: int = 25) -> str:
-        path = self.paths.root / "agent.log"
-        if not path.exists():
-            return ""
-        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    def stop_agent(self) -> bool:
+        """Stops the lab's agent; programs, maps, pods and listeners stay. Returns whether it ran."""
+        return stop_pid(self._info()["agent_pid"])
 
     def wait_realized(self, timeout: float = 60.0) -> dict:
         """Waits until every endpoint realizes the policy revision the agent has now."""
@@ -253,6 +240,11 @@ class Lab:
         if not result["realized"]:
             raise LabError(f"policy revision {revision} not realized within {timeout}s "
                            f"(realized: {result['revision']})")
+        failed = result.get("failed_endpoints") or {}
+        if failed:
+            raise LabError(f"policy revision {revision} not realized on {len(failed)} endpoint(s) "
+                           f"(they deny or keep their previous policy):\n"
+                           + "\n".join(f"  {pod}: {why}" for pod, why in failed.items()))
         # Services follow the endpoints (their backends are the pods' addresses): asked only
         # now, their revision covers the endpoints realized above.
         services = client.get(f"/v1/services/wait?timeout={timeout}", timeout=timeout + 5)
@@ -266,37 +258,16 @@ class Lab:
         removed = []
         info = json.loads(self.paths.info.read_text()) if self.paths.info.exists() else {}
         pid = info.get("agent_pid", 0)
-        if pid and self._agent_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while self._agent_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._agent_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        if stop_pid(pid):
             removed.append(f"agent (pid {pid})")
-        if info.get("world_pid") and self._agent_alive(info["world_pid"]):
-            os.kill(info["world_pid"], signal.SIGTERM)
-        listeners = self.paths.state / "listeners"
-        if listeners.is_dir():
-            for pidfile in listeners.iterdir():
-                try:
-                    os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError, OSError):
-                    pass
-        node_ns = info.get("node_netns", f"{NS_PREFIX}{self.name}")
-        for name in netns.list_names(node_ns):
-            if name == node_ns or name.startswith(node_ns + "-"):
-                netns.remove(name)
-                removed.append(f"namespace {name}")
-        bpf_root = info.get("bpf_root", self.bpf_root)
-        pins = os.path.join(bpf_root, self.name)
-        if os.path.isdir(pins):
-            shutil.rmtree(pins, ignore_errors=True)
+        stop_pid(info.get("world_pid", 0), timeout=None)
+        LabListeners(self.run_paths.listeners).stop_all()
+        for name in LabNode(self.name, info.get("index", 1)).owned_namespaces():
+            netns.remove(name)
+            removed.append(f"namespace {name}")
+        pins = remove_pins(info.get("bpf_root", self.bpf_root), self.name)
+        if pins:
             removed.append(f"pins {pins}")
-        try:
-            os.rmdir(bpf_root)  # only when no other node's pins live there
-        except OSError:
-            pass
         if os.path.isdir(self.cgroup):
             try:
                 os.rmdir(self.cgroup)
@@ -345,14 +316,24 @@ class Lab:
     # -- exec / status ------------------------------------------------------------------
 
     def pod_netns(self, target: str) -> str:
+        """The network namespace of pod NAMESPACE/POD (or POD of namespace default): as the
+        agent reports it, or when no agent answers, by the name the agent gives it."""
         namespace, _, pod = target.partition("/")
         if not pod:
             namespace, pod = "default", namespace
+        key = f"{namespace}/{pod}"
         info = self._info()
-        name = f"{info['node_netns']}-pod-{namespace}-{pod}"
-        if not netns.exists(name):
-            raise LabError(f"no pod {namespace}/{pod} in lab {self.name}")
-        return name
+        try:
+            endpoints = self.client(10).endpoints()
+        except OSError:  # no agent (stopped, restarting): the pods keep their namespaces
+            name = pod_netns(info["node_netns"], endpoint_name(key))
+            if netns.exists(name):
+                return name
+        else:
+            for ep in endpoints:
+                if ep["pod"] == key:
+                    return ep["netns"]
+        raise LabError(f"no pod {key} in lab {self.name}")
 
     def exec(self, target: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         ns = self.pod_netns(target)
@@ -385,10 +366,10 @@ class Lab:
 
     def status(self) -> dict:
         info = self._info()
-        alive = self._agent_alive(info["agent_pid"])
+        running = alive(info["agent_pid"])
         out = {"name": self.name, "node_netns": info["node_netns"], "agent_pid": info["agent_pid"],
-               "agent_running": alive, "manifests": str(self.paths.manifests)}
-        if alive:
+               "agent_running": running, "manifests": str(self.paths.manifests)}
+        if running:
             client = self.client(10)
             out["endpoints"] = client.endpoints()
             out["policy"] = client.policy()

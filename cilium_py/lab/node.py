@@ -112,6 +112,12 @@ class LabNode:
             raise LookupError(f"no device {ifname} in {self.netns}")
         return found[0]
 
+    def owned_namespaces(self) -> list[str]:
+        """The node's namespaces and every one named after it: its pods' (the endpoint
+        manager names them `<node>-pod-<name>`) and any a test added next to them."""
+        return [name for name in netns.list_names(self.netns)
+                if name == self.netns or name.startswith(self.netns + "-")]
+
     def destroy(self) -> None:
         """Removes both namespaces (and every device in them). Pod namespaces are the
         endpoint manager's to remove."""

@@ -4,8 +4,6 @@ a restarted lab agent keeps identities, endpoints and enforcement."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -67,15 +65,11 @@ def test_restart_keeps_identities_endpoints_and_enforcement(cluster):
     before_eps = {e["pod"]: (e["id"], e["identity"], e["ipv4"]) for e in client.endpoints()}
     before_ids = client.identities()
     lab = cluster.lab
-    info = json.loads(lab.paths.info.read_text())
-    os.kill(info["agent_pid"], signal.SIGTERM)
-    while lab._agent_alive(info["agent_pid"]):
-        pass
+    assert lab.stop_agent()
+    assert not lab.status()["agent_running"]
     # While no agent runs, enforcement continues.
     cluster.expect(lambda s, d: ns_of(d) != "y")
-    info["agent_pid"] = lab._start_agent(lab._node(info))
-    lab.paths.info.write_text(json.dumps(info))
-    lab._wait_ready(60)
+    lab.start_agent(60)
     lab.wait_realized()
     client = lab.client()
     after_eps = {e["pod"]: (e["id"], e["identity"], e["ipv4"]) for e in client.endpoints()}

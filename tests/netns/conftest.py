@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -21,6 +18,7 @@ from cilium_py.datapath import netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.conntrack import ConntrackTables
 from cilium_py.lab.agentproc import AgentProcess
+from cilium_py.lab.harness import PodSpec, running_node
 from cilium_py.lab.node import LabNode
 
 TCP_PORTS = (80, 8080, 8085, 8090, 8091)
@@ -96,41 +94,11 @@ def running_lab(unique: str, tmp_path_factory, *, index: int, suffix: str = "",
                 agent_args: tuple[str, ...] = ()):
     """A lab node, its agent (with `agent_args`) and the three pods with listeners; all of
     it removed on exit, also after a failure."""
-    run_dir = str(tmp_path_factory.mktemp("run"))
-    bpf_root = f"/sys/fs/bpf/ciliumpy-test-{unique}-netns{suffix}"
     name = f"t{unique}{suffix}"
-    node = LabNode(name, index=index)
-    config = DatapathConfig(node=name, bpf_root=bpf_root)
-    node.create()
-    listeners, manager, agent = [], None, None
-    try:
-        agent = AgentProcess(node=name, bpf_root=bpf_root, run_dir=run_dir, node_netns=node.netns,
-                             devices=("eth0",), node_ips=(str(node.router_ip), str(node.addressing.uplink_ip)),
-                             extra_args=agent_args)
-        agent.start()
-        manager = EndpointManager(config, node.netns, node.router_ip)
-        pods = {}
-        for n, (pod, identity) in enumerate(IDENTITIES.items(), start=1):
-            pods[pod] = manager.create(pod, node.addressing.pod_ip(n), identity)
-            argv = [sys.executable, "-m", "cilium_py.lab.listener", "--name", pod, "--udp", str(UDP_PORT)]
-            for port in TCP_PORTS:
-                argv += ["--tcp", str(port)]
-            proc = netns.popen(pods[pod].netns, argv, stdout=subprocess.PIPE, text=True)
-            listeners.append(proc)
-            assert proc.stdout.readline().strip() == "ready"
-        yield Lab(node, config, agent, manager, pods, run_dir)
-    finally:
-        for proc in listeners:
-            proc.terminate()
-            proc.wait(5)
-        if agent is not None:
-            agent.stop()
-        if manager is not None:
-            for pod in IDENTITIES:
-                manager.delete(pod)
-            manager.close()
-        node.destroy()
-        shutil.rmtree(bpf_root, ignore_errors=True)
+    pods = {pod: PodSpec(identity, tcp=TCP_PORTS, udp=(UDP_PORT,)) for pod, identity in IDENTITIES.items()}
+    with running_node(LabNode(name, index=index), bpf_root=f"/sys/fs/bpf/ciliumpy-test-{unique}-netns{suffix}",
+                      run_dir=str(tmp_path_factory.mktemp("run")), agent_args=agent_args, pods=pods) as node:
+        yield Lab(node.node, node.config, node.agent, node.manager, node.pods, node.run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -20,17 +20,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import pytest
 from pyroute2 import IPRoute
 
-from cilium_py.agent.endpoints import EndpointManager
 from cilium_py.datapath import attach, loader, netns
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.lb import (
@@ -47,6 +43,7 @@ from cilium_py.datapath.maps.lb import (
 from cilium_py.datapath.maps.nat import NatMap
 from cilium_py.lab.agentproc import AgentProcess
 from cilium_py.lab import wire
+from cilium_py.lab.harness import PodSpec, running_node
 from cilium_py.lab.node import LabNode
 
 pytestmark = [pytest.mark.netns]
@@ -159,14 +156,6 @@ def recv_exact(sock, n: int) -> bytes:
     return buf
 
 
-def _listener(ns: str, name: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "cilium_py.lab.listener", "--name", name, "--tcp", str(POD_PORT),
-            "--udp", str(UDP_PORT)]
-    proc = netns.popen(ns, argv, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 def _make_remote(node: LabNode, remote_ns: str) -> None:
     """The remote node behind the outside namespace, which routes between the two."""
     i = node.addressing.index
@@ -207,42 +196,21 @@ def _wire_like_outside(node: LabNode, remote_ns: str) -> None:
 @contextlib.contextmanager
 def nodeport_lab(mode: str, unique: str, tmp_path_factory):
     index, agent_args = MODES[mode]
-    run_dir = str(tmp_path_factory.mktemp(f"np-{mode}"))
-    name = f"np{unique}{index}"
-    bpf_root = f"/sys/fs/bpf/ciliumpy-test-{unique}-np{index}"
-    node = LabNode(name, index=index)
+    node = LabNode(f"np{unique}{index}", index=index)
     remote_ns = f"{node.netns}-remote"
-    config = DatapathConfig(node=name, bpf_root=bpf_root)
-    procs, manager, agent = [], None, None
-    node.create()
-    try:
+
+    def prepare(handle):
+        handle.on_teardown(netns.remove, remote_ns)
         _make_remote(node, remote_ns)
         if mode == "xdp-native":
             _wire_like_outside(node, remote_ns)
-        procs.append(_listener(remote_ns, "remote"))
-        agent = AgentProcess(node=name, bpf_root=bpf_root, run_dir=run_dir, node_netns=node.netns,
-                             devices=("eth0",), node_ips=(str(node.router_ip), str(node.addressing.uplink_ip)),
-                             extra_args=agent_args)
-        agent.start()
-        manager = EndpointManager(config, node.netns, node.router_ip)
-        lab = NodePortLab(mode, node, config, agent, remote_ns)
-        for n, (pod, identity) in enumerate(PODS.items(), start=1):
-            lab.pods[pod] = manager.create(pod, node.addressing.pod_ip(n), identity)
-            procs.append(_listener(lab.pods[pod].netns, pod))
-        yield lab
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(5)
-        if agent is not None:
-            agent.stop()
-        if manager is not None:
-            for pod in PODS:
-                manager.delete(pod)
-            manager.close()
-        netns.remove(remote_ns)
-        node.destroy()
-        shutil.rmtree(bpf_root, ignore_errors=True)
+        handle.listen(remote_ns, "remote", tcp=(POD_PORT,), udp=(UDP_PORT,))
+
+    pods = {pod: PodSpec(identity, tcp=(POD_PORT,), udp=(UDP_PORT,)) for pod, identity in PODS.items()}
+    with running_node(node, bpf_root=f"/sys/fs/bpf/ciliumpy-test-{unique}-np{index}",
+                      run_dir=str(tmp_path_factory.mktemp(f"np-{mode}")), agent_args=agent_args,
+                      pods=pods, prepare=prepare) as running:
+        yield NodePortLab(mode, node, running.config, running.agent, remote_ns, pods=running.pods)
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -253,9 +221,10 @@ def np_lab(request, privileged, unique, tmp_path_factory):
 
 @pytest.fixture
 def lab(np_lab):
+    """The mode's lab with no services or NAT entries: what a test leaves goes with the
+    next test's clear, or with the mode's node at the end of the module."""
     np_lab.clear_services()
-    yield np_lab
-    np_lab.clear_services()
+    return np_lab
 
 
 # -- tests -----------------------------------------------------------------------------------

@@ -84,3 +84,27 @@ def test_agent_config_file_with_unknown_option(tmp_path):
     config.write_text("node-netns: x\nbpf-ct-global-max: 1\n")
     result = CliRunner().invoke(cli, ["agent", "--config", str(config)])
     assert result.exit_code == 2 and "unknown option(s): bpf-ct-global-max" in result.output
+
+
+def test_policy_wait_and_status_name_endpoints_that_failed(monkeypatch):
+    """Realized for the node but not for two endpoints: `policy wait` fails and names them,
+    `status` counts them next to the revision."""
+    from cilium_py.cli import agentapi
+
+    failed = {"x/a": "policy not realized, denying all traffic: policy map full"}
+    answers = {
+        "wait_revision": {"realized": True, "revision": 7, "failed_endpoints": failed},
+        "status": {"node": "n1", "controllers": {"endpoint-x/a": {"failures": 3, "last_error": "map full"}},
+                   "datapath": {"bpf_root": "/b", "events": "ringbuf", "events_received": 0, "events_lost": 0},
+                   "store": {"source": "s", "objects": 1, "errors": []}, "endpoints": 1, "identities": 1,
+                   "policy": {"revision": 7, "realized": 7, "failed_endpoints": failed},
+                   "map_pressure": {"ciliumpy_policy": 0.99}, "hubble": {}, "metrics": {}},
+    }
+    monkeypatch.setattr(agentapi, "call", lambda node, run_dir, method, *args: answers[method])
+    result = CliRunner().invoke(cli, ["policy", "wait", "7"])
+    assert result.exit_code == 1
+    assert "not realized on 1 endpoint" in result.output and "x/a: policy not realized" in result.output
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "0/1 healthy" in result.output and "(realized 7, 1 endpoints not realized)" in result.output
+    assert "ciliumpy_policy 99.0%" in result.output

@@ -428,3 +428,11 @@ def test_module_does_not_touch_the_default_registry():
     make_agent_metrics()
     HubbleMetrics(list(HANDLERS))
     assert set(REGISTRY._names_to_collectors) == before
+
+
+def test_endpoint_states_count_not_ready_endpoints():
+    got = samples(make_agent_metrics(endpoint_states_fn=lambda: {"ready": 3, "not-ready": 2}).registry)
+    assert got[("ciliumpy_endpoint_state", L(endpoint_state="ready"))] == 3
+    assert got[("ciliumpy_endpoint_state", L(endpoint_state="not-ready"))] == 2
+    got = samples(make_agent_metrics(endpoint_states_fn=lambda: {"ready": 1}).registry)
+    assert got[("ciliumpy_endpoint_state", L(endpoint_state="not-ready"))] == 0

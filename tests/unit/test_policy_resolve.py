@@ -267,7 +267,8 @@ def test_deny_wins_in_map_state_and_cookies_name_policies():
     assert repo.cookie_name(deny_cookie) == "CiliumNetworkPolicy prod/p1"
     assert state[PolicyMapKey(9, CLIENT, "ingress", 0, 0, 0)] == MapEntry(True, deny_cookie)
     assert state[PolicyMapKey(9, 0, "ingress", TCP, 22, 16)] == MapEntry(False, repo.cookie((NETWORK_POLICY, "prod", "p0")))
-    assert policy.selected_by == ["NetworkPolicy prod/p0", "CiliumNetworkPolicy prod/p1"]
+    # In policy-name order, whatever order they arrived in.
+    assert policy.selected_by == ["CiliumNetworkPolicy prod/p1", "NetworkPolicy prod/p0"]
 
 
 def test_allow_localhost_can_be_turned_off():

@@ -11,9 +11,8 @@ import pytest
 
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import PodAddresses
-from cilium_py.agent.services.ids import IDAllocator, IDExhausted
 from cilium_py.agent.services.maglev import build_table
-from cilium_py.agent.services.manager import ServiceManager, _slot_order
+from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import MemoryWriter
 from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath.maps.lb import (
@@ -34,6 +33,8 @@ from cilium_py.datapath.maps.lb import (
     frontend,
 )
 
+from .waiting import poll
+
 NODE = "n1"
 NODE_IP = "10.245.1.1"
 TCP, UDP = 6, 17
@@ -53,13 +54,14 @@ class LocalPods(PodAddresses):
 
 
 class Cluster:
-    def __init__(self, **config):
+    def __init__(self, resync_interval=300.0, **config):
         self.store = Store()
         self.writer = MemoryWriter()
         self.pods = LocalPods()
         defaults = {"node": NODE, "node_ips": (NODE_IP,), "derive_endpoint_slices": True}
         self.config = ServiceConfig(**{**defaults, **config})
-        self.manager = ServiceManager(self.store, self.writer, self.config, pods=self.pods)
+        self.manager = ServiceManager(self.store, self.writer, self.config, pods=self.pods,
+                                      resync_interval=resync_interval)
 
     def close(self):
         self.manager.stop()
@@ -182,6 +184,25 @@ def test_node_port_frontends_on_every_node_address_and_wildcard(cluster):
     assert len(ids) == 3  # one service ID per frontend
 
 
+def test_node_object_addresses_carry_node_ports_too(cluster):
+    def node(name, *addresses):
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+                "status": {"addresses": [{"type": t, "address": a} for t, a in addresses]}}
+        cluster.store.upsert(Resource("Node", None, name, {}, body, "node.yaml"))
+
+    cluster.service(type="NodePort", ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}])
+    node(NODE, ("InternalIP", "10.245.1.2"), ("ExternalIP", "10.245.9.7"), ("Hostname", "10.9.9.9"),
+         ("InternalIP", "not-an-ip"), ("InternalIP", NODE_IP))
+    node("n2", ("InternalIP", "10.245.2.1"))  # another node's addresses are not ours
+    cluster.sync()
+    node_ports = sorted(fe[0] for fe in cluster.frontends() if fe[1] == 30080)
+    assert node_ports == ["0.0.0.0", "10.245.1.1", "10.245.1.2", "10.245.9.7"]
+    assert cluster.manager.status()["node_port_addresses"] == [NODE_IP, "10.245.1.2", "10.245.9.7"]
+    node(NODE, ("InternalIP", "10.245.1.2"))  # an address went: its frontends go with it
+    cluster.sync()
+    assert sorted(fe[0] for fe in cluster.frontends() if fe[1] == 30080) == ["0.0.0.0", "10.245.1.1", "10.245.1.2"]
+
+
 def test_load_balancer_and_external_ips(cluster):
     body_status = {"loadBalancer": {"ingress": [{"ip": "172.16.0.10"}]}}
     cluster.service(type="LoadBalancer", externalIPs=["172.16.1.1"], allocateLoadBalancerNodePorts=False,
@@ -251,15 +272,6 @@ def test_slots_keep_their_positions(cluster):
     assert changes.backend_deletes == [ids["10.244.1.2"]]
 
 
-def test_slot_order():
-    assert _slot_order([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]
-    assert _slot_order([1, 2, 3], [1, 3]) == [1, 3]
-    assert _slot_order([1, 2, 3, 4], [2, 3]) == [3, 2]
-    assert _slot_order([1, 2, 3], [1, 3, 5]) == [1, 5, 3]
-    assert _slot_order([1, 2, 3, 4, 5], [1, 5, 6]) == [1, 6, 5]
-    assert _slot_order([1, 2], []) == []
-
-
 def test_service_deleted_removes_frontends_revnat_and_unshared_backends(cluster):
     cluster.service(name="a", clusterIP="10.96.0.1")
     cluster.service(name="b", clusterIP="10.96.0.2")
@@ -275,20 +287,6 @@ def test_service_deleted_removes_frontends_revnat_and_unshared_backends(cluster)
 
 
 # -- IDs -----------------------------------------------------------------------------------
-
-def test_backend_ids_are_shared_and_reused_only_after_going_round():
-    ids = IDAllocator("backend", 1, 5)
-    a = ids.acquire("a")
-    assert ids.acquire("a") == a == 1
-    b = ids.acquire("b")
-    assert ids.release("a") == 1
-    assert ids.acquire("c") == 3  # not 1: a released ID waits until the counter goes round
-    ids.acquire("d"), ids.acquire("e")
-    assert ids.acquire("f") == 1  # wrapped, 1 was free again
-    with pytest.raises(IDExhausted, match="all 5 backend IDs are in use"):
-        ids.acquire("g")
-    assert b == 2
-
 
 def test_backend_id_per_address_port_protocol_across_services(cluster):
     cluster.service(name="a", clusterIP="10.96.0.1")
@@ -643,6 +641,24 @@ def test_full_services_map_rejects_with_a_clear_error():
     c.close()
 
 
+def test_full_backends_map_rejects_with_a_clear_error():
+    c = Cluster(lb_map_max=4)
+    gone = {"ready": False, "serving": True, "terminating": True}  # a backend, but no slot
+    c.service(name="a", clusterIP="10.96.0.1")
+    c.endpoints(["10.244.1.1", ("10.244.1.2", gone), ("10.244.1.9", gone)], service="a")
+    c.service(name="b", clusterIP="10.96.0.2")
+    c.endpoints(["10.244.1.3", ("10.244.1.4", gone)], service="b")
+    c.sync()
+    assert c.frontends() == [("10.96.0.1", 80, TCP, 0)]
+    [err] = c.rejected()
+    assert err["object"] == "Service shop/b"
+    assert "backends map is full: 3 of 4 backends used and this object adds 2" in err["message"]
+    c.delete("Service", "a")
+    c.sync()
+    assert c.frontends() == [("10.96.0.2", 80, TCP, 0)] and c.rejected() == []
+    c.close()
+
+
 def test_status_and_revisions(cluster):
     cluster.service(type="NodePort", ports=[{"port": 80, "nodePort": 30080}])
     cluster.sync()
@@ -708,15 +724,14 @@ def test_drift_is_repaired_from_the_maps(cluster):
     fe = next(k for k in cluster.writer.services if k[1] == 2)
     del cluster.writer.services[fe]
     cluster.writer.backends.pop(entry.backend_ids[0])
-    cluster.manager._needs_restore = True  # what the loop does every resync_interval
+    cluster.manager.repair_from_maps()  # what the loop does every resync_interval
     changes = cluster.sync()
     assert cluster.entry("10.96.0.10", 80) == entry
     assert (len(changes.slots), len(changes.backends), changes.maglev) == (1, 1, [])  # the table is known
 
 
 def test_resync_interval_triggers_a_repair():
-    c = Cluster()
-    c.manager.resync_interval = 0.05
+    c = Cluster(resync_interval=0.05)
     c.service()
     c.endpoints(["10.244.1.5"])
     c.store.wait_idle(5)
@@ -724,10 +739,6 @@ def test_resync_interval_triggers_a_repair():
     assert c.manager.wait_for_revision(c.manager.revision, 10)
     c.writer.services.clear()
     syncs = c.manager.syncs
-    import time
-
-    deadline = time.monotonic() + 10
-    while c.entry("10.96.0.10", 80) is None and time.monotonic() < deadline:
-        c.manager._wake.wait(0.05)
-    assert c.entry("10.96.0.10", 80) is not None and c.manager.syncs > syncs
+    assert poll(lambda: c.entry("10.96.0.10", 80) is not None, 10)
+    assert c.manager.syncs > syncs
     c.close()

@@ -122,16 +122,32 @@ def compute_map_state(endpoint_id: int, rules: list[PolicyRule]) -> dict[PolicyM
     return state
 
 
+class PolicyRealizeError(RuntimeError):
+    """An endpoint's policy could not be written; the endpoint keeps what it had (or, new,
+    denies everything) and the message says why."""
+
+
+class PolicyBudgetExceeded(PolicyRealizeError):
+    """The endpoint needs more entries than its share of the policy map."""
+
+
 class PolicyWriter:
     """Writes an endpoint's policy: entries that changed, then the enforcement flags.
 
     What each endpoint has in the map is kept in memory (read from the map once, on first
     use), so a change costs its own entries: reading the shared map back per endpoint would
-    make every write grow with the whole node."""
+    make every write grow with the whole node.
 
-    def __init__(self, policy_map: PolicyMap, endpoint_map: EndpointMap):
+    All or nothing per endpoint: a policy larger than `budget` entries (Cilium's
+    --bpf-policy-map-max, one map per endpoint there, a share of the shared map here) is
+    refused before anything is written, and a write the kernel refuses (a full map) is
+    rolled back, so the endpoint is left on its previous policy, never on half of the new
+    one with enforcement switched off."""
+
+    def __init__(self, policy_map: PolicyMap, endpoint_map: EndpointMap, budget: int = 0):
         self.policy_map = policy_map
         self.endpoint_map = endpoint_map
+        self.budget = budget
         self._realized: dict[int, dict[PolicyMapKey, MapEntry]] | None = None
 
     def _load(self) -> dict[int, dict[PolicyMapKey, MapEntry]]:
@@ -146,23 +162,78 @@ class PolicyWriter:
         """The endpoint's entries were removed from the map by someone else (teardown)."""
         self._load().pop(endpoint_id, None)
 
+    def entry_count(self, endpoint_id: int | None = None) -> int:
+        """Entries this writer has in the map: one endpoint's, or all of them."""
+        realized = self._load()
+        if endpoint_id is not None:
+            return len(realized.get(endpoint_id, ()))
+        return sum(len(entries) for entries in realized.values())
+
+    def capacity(self) -> int:
+        return int(getattr(self.policy_map, "max_entries", 0) or 0)
+
     def apply(self, endpoint_ip, endpoint_id: int, rules: list[PolicyRule], *,
               enforce_ingress: bool, enforce_egress: bool) -> tuple[int, int]:
-        """Returns (entries written, entries removed)."""
+        """Returns (entries written, entries removed); raises PolicyRealizeError with the
+        endpoint's previous state intact."""
         desired = compute_map_state(endpoint_id, rules)
+        if self.budget and len(desired) > self.budget:
+            raise PolicyBudgetExceeded(
+                f"policy needs {len(desired)} map entries, more than the {self.budget} an "
+                f"endpoint may have (--bpf-policy-map-max)")
         realized = self._load().setdefault(endpoint_id, {})
-        written = removed = 0
-        # Add before remove and only then switch enforcement on, so no packet meets an
+        stale = [k for k in realized if k not in desired]
+        adds = sum(1 for k in desired if k not in realized)
+        capacity = self.capacity()
+        total = self.entry_count()
+        remove_first = False
+        if capacity and total + adds > capacity:
+            if total + adds - len(stale) > capacity:
+                raise PolicyRealizeError(
+                    f"policy map full: {total} of {capacity} entries used, this endpoint needs "
+                    f"{adds - len(stale)} more")
+            # Only fits once the stale entries are gone: for the moment between the two
+            # steps the endpoint denies what it no longer needs and not yet gets (closed).
+            remove_first = True
+        removed = self._remove(realized, stale) if remove_first else 0
+        written = self._write(endpoint_id, realized, desired)
+        # Added before removed and only then enforcement switched on, so no packet meets an
         # enforced direction with a half-written map.
-        for key, entry in desired.items():
-            if realized.get(key) != entry:
-                self.policy_map.put(key, deny=entry.deny, cookie=entry.cookie)
-                realized[key] = entry
-                written += 1
         self.endpoint_map.set_policy_enforcement(endpoint_ip, ingress=enforce_ingress,
                                                  egress=enforce_egress)
-        for key in [k for k in realized if k not in desired]:
+        if not remove_first:
+            removed = self._remove(realized, stale)
+        return written, removed
+
+    def _write(self, endpoint_id: int, realized: dict, desired: dict) -> int:
+        added, changed = [], []
+        try:
+            for key, entry in desired.items():
+                old = realized.get(key)
+                if old != entry:
+                    self.policy_map.put(key, deny=entry.deny, cookie=entry.cookie)
+                    (added if old is None else changed).append((key, old))
+                    realized[key] = entry
+        except OSError as e:
+            self._rollback(endpoint_id, realized, added, changed)
+            raise PolicyRealizeError(f"policy map update failed: {e}") from e
+        return len(added) + len(changed)
+
+    def _rollback(self, endpoint_id: int, realized: dict, added: list, changed: list) -> None:
+        # New keys go first: that frees the room an in-place update of a full LPM trie
+        # needs on kernels that count it as an insert.
+        for key, _ in added:
+            self.policy_map.remove(key)
+            realized.pop(key, None)
+        try:
+            for key, old in changed:
+                self.policy_map.put(key, deny=old.deny, cookie=old.cookie)
+                realized[key] = old
+        except OSError:
+            self._realized = None  # re-read the map next time: it is the truth now
+
+    def _remove(self, realized: dict, stale: list) -> int:
+        for key in stale:
             self.policy_map.remove(key)
             del realized[key]
-            removed += 1
-        return written, removed
+        return len(stale)

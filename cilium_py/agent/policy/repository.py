@@ -97,14 +97,17 @@ class PolicyRepository:
             return self._names.get(cookie, "")
 
     def selecting(self, labels) -> list[tuple[int, Rule]]:
-        """(cookie, rule) for every rule whose subject matches labels, in a stable order."""
+        """(cookie, rule) for every rule whose subject matches labels, ordered by policy."""
         # A namespaced rule's subject requires its namespace: skip the others without
         # matching selectors (most rules of a big cluster live in other namespaces).
         namespace = labels.get(NAMESPACE_LABEL)
         with self._lock:
             items = [(self._cookies[k], k, rules) for k, rules in self._rules.items()]
         out = []
-        for cookie, _, rules in sorted(items, key=lambda t: t[0]):
+        # By policy name, not by cookie: cookies follow the order policies arrived in, and
+        # where two policies write the same entry the one named last must win however the
+        # node got here (incremental regeneration equals a fresh one, cookies included).
+        for cookie, _, rules in sorted(items, key=lambda t: key_name(t[1])):
             out.extend((cookie, r) for r in rules
                        if (not r.namespace or r.namespace == namespace) and r.selects(labels))
         return out

@@ -240,11 +240,14 @@ def resolve(endpoint: EndpointContext, repo: PolicyRepository,
                 rules |= _expand(entry, direction, cookie, peers.of_rule(entry), endpoint, named)
 
     names = list(dict.fromkeys(repo.cookie_name(c) for c, _ in selected))
+    # Between rules of the same entry the later policy's cookie wins (map state keeps the
+    # last): ranked by policy name, never by cookie number, which follows arrival order.
+    rank = {c: i for i, (c, _) in enumerate(selected)}
     return EndpointPolicy(
         ingress_enforced=enforced[INGRESS],
         egress_enforced=enforced[EGRESS],
         rules=sorted(rules, key=lambda r: (r.direction, r.identity, r.protocol, r.port,
-                                           r.end_port, r.deny, r.cookie)),
+                                           r.end_port, r.deny, rank.get(r.cookie, -1))),
         cidrs=dict(sorted(peers.cidrs.items())),
         selected_by=names,
         revision=revision,

@@ -65,6 +65,9 @@ class IPCacheMap(BpfMap):
         value = self.lookup(_key(cidr))
         return None if value is None else value.sec_identity
 
+    def prefixes(self) -> list[ipaddress.IPv4Network]:
+        return [e.prefix for e in self.list()]
+
     def list(self) -> list[IpcacheEntry]:
         entries = []
         for key, value in self.items():
