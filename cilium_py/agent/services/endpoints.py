@@ -145,8 +145,3 @@ def from_pods(spec: Service, candidates: list[Pod], node: str, pods: PodAddresse
 
 __all__ = ["BackendKey", "BackendRef", "ControlPlanePods", "PodAddresses", "from_pods", "from_slices"]
 
-
-class PodInfo:  # TEMPORARY: the old call shape, until the service manager reads Pods itself
-    @staticmethod
-    def from_resource(pod: Pod) -> Pod:
-        return pod

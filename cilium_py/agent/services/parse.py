@@ -89,18 +89,3 @@ def host_ports(pod: Pod, config: ServiceConfig
         out.append(HostPort(port.host_port, port.port, port.protocol, host_ip, port.path))
     return out, errors, warnings
 
-
-# -- TEMPORARY: the old call shapes, until the service manager reads the objects itself ----
-from cilium_py.agent.objects import SERVICE_NAME_LABEL  # noqa: E402,F401
-
-ServiceSpec = Service
-SliceSpec = EndpointSlice
-pod_host_ports = host_ports
-
-
-def parse_service(service: Service, config: ServiceConfig):
-    return service, check_service(service, config)
-
-
-def parse_endpoint_slice(endpoint_slice: EndpointSlice):
-    return endpoint_slice, slice_warnings(endpoint_slice)
