@@ -16,6 +16,7 @@ import errno
 import ipaddress
 from dataclasses import dataclass
 
+from cilium_py.agent.endpoints import EndpointHandle, EndpointManager
 from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache, prefix_of
 from cilium_py.datapath.maps.endpoints import (
     ENDPOINT_F_POLICY_EGRESS,
@@ -38,8 +39,6 @@ class NodeBackend:
 
 def kernel_backend(datapath_config, node_netns: str, router_ip, ipcache: IPCache | None = None
                    ) -> NodeBackend:
-    from cilium_py.agent.endpoints import EndpointManager
-
     manager = EndpointManager(datapath_config, node_netns, router_ip, ipcache=ipcache)
     return NodeBackend(manager, manager.policy, manager.endpoints, manager.ipcache)
 
@@ -116,19 +115,6 @@ class MemoryIPCacheMap:
         return sorted(self.data, key=lambda p: (int(p.network_address), p.prefixlen))
 
 
-@dataclass(frozen=True)
-class MapHandle:
-    """Mirrors EndpointHandle's fields that the control plane reads."""
-
-    name: str
-    endpoint_id: int
-    ip: ipaddress.IPv4Address
-    identity: int
-    netns: str
-    host_ifname: str
-    ifindex: int
-
-
 class MapEndpoints:
     """Endpoints as map entries only, no namespaces or devices: over the in-memory maps in
     unit tests, or over the pinned maps with every endpoint on one device (`ifindex`), as
@@ -139,14 +125,14 @@ class MapEndpoints:
         self.ipcache = ipcache
         self.policy_map = policy_map
         self.ifindex = ifindex
-        self.handles: dict[str, MapHandle] = {}
+        self.handles: dict[str, EndpointHandle] = {}
         self.fail_create: set[str] = set()  # tests: names whose creation fails
 
     def _allocate_id(self) -> int:
         used = {h.endpoint_id for h in self.handles.values()}
         return next(i for i in range(1, 65536) if i not in used)
 
-    def create(self, name: str, ip, identity: int, *, closed: bool = False) -> MapHandle:
+    def create(self, name: str, ip, identity: int, *, closed: bool = False) -> EndpointHandle:
         if name in self.fail_create:
             raise RuntimeError(f"endpoint {name}: injected failure")
         ip = ipaddress.IPv4Address(ip)
@@ -155,7 +141,7 @@ class MapEndpoints:
         self.endpoint_map.upsert(ip, endpoint_id=endpoint_id, ifindex=self.ifindex,
                                  identity=identity, flags=flags)
         self.ipcache.upsert(ip, identity, SOURCE_LOCAL)
-        handle = MapHandle(name, endpoint_id, ip, identity, f"map-{name}", f"lxc{endpoint_id}",
+        handle = EndpointHandle(name, endpoint_id, ip, identity, f"map-{name}", f"lxc{endpoint_id}",
                            self.ifindex)
         self.handles[name] = handle
         return handle
@@ -197,8 +183,8 @@ def pinned_maps_backend(pin_dir: str, ifindex: int) -> NodeBackend:
     from cilium_py.datapath.maps.ipcache import IPCacheMap
     from cilium_py.datapath.maps.policy import PolicyMap
 
-    policy_map, endpoint_map = PolicyMap(pin_dir), EndpointMap(pin_dir)
-    ipcache = IPCache(IPCacheMap(pin_dir))
+    policy_map, endpoint_map = PolicyMap.shared(pin_dir), EndpointMap.shared(pin_dir)
+    ipcache = IPCache(IPCacheMap.shared(pin_dir))
     endpoints = MapEndpoints(endpoint_map, ipcache, policy_map, ifindex)
 
     def close():

@@ -112,7 +112,6 @@ class ControlPlane:
         # Called with the pod keys whose endpoints a regeneration created, changed or
         # removed (the service manager derives backends and hostPorts from them).
         self.endpoint_listeners: list = []
-        self.services = None  # the service manager, when the agent runs one
         self.reconciler = Reconciler("policy-regeneration", self.regenerate,
                                      (PODS, NAMESPACES, SELECTORS), store=store)
         self.controllers: dict[str, ControllerStatus] = {"policy-regeneration": self.reconciler.status}
@@ -476,6 +475,21 @@ class ControlPlane:
             "rejected": [e.to_dict() for e in self.rejected.values()]
                         + [e.to_dict() for e in self.source_errors_fn()],
         }
+
+    # -- read-only accessors (the node view Hubble is given: agent/nodeview.py) -------
+
+    def local_endpoints(self) -> list[LocalEndpoint]:
+        """This node's endpoints now. A copy taken without the lock, so a reader on the
+        event path never waits for a regeneration (which adds and removes entries)."""
+        return list(dict(self.endpoints).values())
+
+    def identity_labels(self, identity: int) -> dict | None:
+        """The labels of an allocated (or reserved) identity, None if it is unknown."""
+        return self.identities.lookup(identity)
+
+    def policy_by_cookie(self, cookie: int) -> tuple[str, str, str] | None:
+        """(kind, namespace, name) of the policy the datapath reports with this cookie."""
+        return self.repo.cookie_key(cookie)
 
     def close(self) -> None:
         self.backend.close()

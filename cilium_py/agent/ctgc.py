@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 class ConntrackGC:
     def __init__(self, pin_dir: str, interval: float):
-        self.tables = ConntrackTables(pin_dir)
+        self.tables = ConntrackTables.shared(pin_dir)
         self.interval = interval
         self.runs = 0
         self.removed_total = 0

@@ -27,6 +27,7 @@ from cilium_py.agent.hubble import Hubble, HubbleConfig
 from cilium_py.agent.ipcache import SOURCE_LOCAL, IPCache
 from cilium_py.agent.metrics import AgentMetrics, serve
 from cilium_py.agent.monitor_server import MonitorServer
+from cilium_py.agent.nodeview import AgentNodeView
 from cilium_py.agent.paths import RunPaths
 from cilium_py.agent.services.config import DEFAULT_NODE_PORT_RANGE
 from cilium_py.agent.services.maglev import DEFAULT_SEED
@@ -95,6 +96,7 @@ class Agent:
         self.services = None
         self.api = APIServer(config.paths.api_socket, self)
         self.hubble: Hubble | None = None
+        self.node_view: AgentNodeView | None = None  # what Hubble knows of this node
         self.metrics = None
         self._metrics_servers = []
         self.metrics_addresses: dict[str, str] = {}
@@ -186,8 +188,10 @@ class Agent:
             observers.append(flow_metrics.process)
             self._serve_metrics("hubble", cfg.hubble.metrics_address, flow_metrics.registry)
         if cfg.hubble.enabled:
-            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir, self.control,
-                                 flow_observers=observers)
+            self.node_view = AgentNodeView.over_pinned_ipcache(
+                cfg.datapath.pin_dir, control=self.control, services=self.services)
+            self.hubble = Hubble(cfg.hubble, cfg.datapath.node, cfg.datapath.pin_dir,
+                                 node_view=self.node_view, flow_observers=observers)
             self.hubble.start()
 
     def _serve_metrics(self, name: str, address: str, registry) -> None:
@@ -234,20 +238,20 @@ class Agent:
 
         pin = self.config.datapath.pin_dir
         pressure = {}
-        tables = ConntrackTables(pin)
-        try:
+        # The GC and Hubble keep these open for the agent's lifetime: status borrows their fds.
+        with ConntrackTables.shared(pin) as tables:
             for table in (tables.tcp, tables.any):
                 pressure[table.NAME] = round(len(table.items()) / table.max_entries, 4)
-        finally:
-            tables.close()
         control = self.control
         if control is not None and control.writer.capacity():
             pressure["ciliumpy_policy"] = round(control.writer.entry_count() / control.writer.capacity(), 4)
-        with EventsLostMap(pin) as lost:
+        with EventsLostMap.shared(pin) as lost:
             events_lost = lost.total()
         controllers = {}
         if control is not None:
             controllers = {name: vars(c) for name, c in sorted(control.controllers.items())}
+        if self.services is not None:
+            controllers["service-sync"] = vars(self.services.controller_status)
         source = "manifests directory " + self.config.manifests if self.config.manifests else "none"
         return {
             "node": self.config.datapath.node,
@@ -273,15 +277,13 @@ class Agent:
         }
 
     def _register_node_addresses(self) -> None:
-        self.ipcache = IPCache(IPCacheMap(self.config.datapath.pin_dir))
-        endpoints = EndpointMap(self.config.datapath.pin_dir)
-        try:
+        pin = self.config.datapath.pin_dir
+        self.ipcache = IPCache(IPCacheMap.shared(pin))
+        with EndpointMap.shared(pin) as endpoints:
             for ip in self.config.node_ips:
                 self.ipcache.upsert(ip, IDENTITY_HOST, SOURCE_LOCAL)
                 endpoints.upsert(ip, endpoint_id=0, ifindex=0, identity=IDENTITY_HOST,
                                  flags=ENDPOINT_F_HOST)
-        finally:
-            endpoints.close()
 
     def _attach_socket_lb(self) -> None:
         """Socket LB on the cgroup root: the new programs attached before the old ones go
@@ -328,6 +330,8 @@ class Agent:
             self.reader.stop()
         if self.hubble:
             self.hubble.stop()
+        if self.node_view:
+            self.node_view.close()
         for server in self._metrics_servers:
             server.stop()
         if self.gc:

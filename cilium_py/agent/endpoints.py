@@ -79,10 +79,10 @@ class EndpointManager:
         self.config = config
         self.node_netns = node_netns
         self.router_ip = ipaddress.IPv4Address(router_ip) if router_ip is not None else None
-        self.endpoints = EndpointMap(config.pin_dir)
+        self.endpoints = EndpointMap.shared(config.pin_dir)
         self._own_ipcache = ipcache is None
-        self.ipcache = ipcache if ipcache is not None else IPCache(IPCacheMap(config.pin_dir))
-        self.policy = PolicyMap(config.pin_dir)
+        self.ipcache = ipcache if ipcache is not None else IPCache(IPCacheMap.shared(config.pin_dir))
+        self.policy = PolicyMap.shared(config.pin_dir)
 
     def pod_netns(self, name: str) -> str:
         return pod_netns(self.node_netns, name)

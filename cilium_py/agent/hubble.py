@@ -14,12 +14,11 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from cilium_py.agent.labels import format_labels
 from cilium_py.datapath.maps.events import EventsLostMap
-from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.hubble.api.flow import flow_pb2 as F
+from cilium_py.hubble.nodeview import NodeView
 from cilium_py.hubble.observer import ObserverServer
-from cilium_py.hubble.parser import RESERVED_LABELS, EndpointInfo, Parser, PolicyRef
+from cilium_py.hubble.parser import Parser
 from cilium_py.hubble.ring import DEFAULT_CAPACITY, FlowRing
 
 log = logging.getLogger(__name__)
@@ -37,83 +36,16 @@ class HubbleConfig:
     metrics_address: str = ""        # where the Hubble flow metrics are served
 
 
-class AgentEnricher:
-    """Answers the parser's questions from the control plane's state and the ipcache map.
-    Without a control plane (datapath-only agent) only identities are known."""
-
-    def __init__(self, control, pin_dir: str):
-        self.control = control
-        self._ipcache = IPCacheMap(pin_dir)
-        self._by_ip: dict[str, EndpointInfo] = {}
-        self._indexed_generation = None
-
-    @property
-    def generation(self):
-        """Moves whenever an answer may change: endpoints and policies regenerated, or
-        service frontends changed."""
-        if self.control is None:
-            return 0
-        services = getattr(self.control, "services", None)
-        return (self.control.generation, services.generation if services is not None else 0)
-
-    def _index(self) -> None:
-        generation = self.generation
-        if generation == self._indexed_generation:
-            return
-        by_ip = {}
-        for key, ep in dict(self.control.endpoints).items():  # a copy: regeneration mutates it
-            namespace, _, pod = key.partition("/")
-            by_ip[str(ep.handle.ip)] = EndpointInfo(
-                id=ep.handle.endpoint_id, identity=ep.identity, namespace=namespace,
-                pod_name=pod, labels=tuple(format_labels(ep.labels)))
-        self._by_ip, self._indexed_generation = by_ip, generation
-
-    def endpoint(self, ip: str) -> EndpointInfo | None:
-        if self.control is None:
-            return None
-        self._index()
-        return self._by_ip.get(ip)
-
-    def identity_of(self, ip: str) -> int:
-        try:
-            return self._ipcache.get(ip) or 0
-        except (OSError, ValueError):
-            return 0
-
-    def identity_labels(self, identity: int) -> tuple[str, ...]:
-        if identity in RESERVED_LABELS:
-            return (RESERVED_LABELS[identity],)
-        if self.control is None:
-            return ()
-        labels = self.control.identities.lookup(identity)
-        return tuple(format_labels(labels)) if labels else ()
-
-    def policy(self, cookie: int) -> PolicyRef | None:
-        if self.control is None:
-            return None
-        key = self.control.repo.cookie_key(cookie)
-        if not key:
-            return None
-        kind, namespace, name = key
-        return PolicyRef(name=name, namespace=namespace or "", kind=kind)
-
-    def service(self, ip: str, port: int, protocol: int):
-        """(name, namespace) of the Service whose frontend ip:port/protocol is."""
-        services = getattr(self.control, "services", None)
-        return services.frontend_service(ip, port, protocol) if services is not None else None
-
-    def close(self) -> None:
-        self._ipcache.close()
-
-
 class Hubble:
-    def __init__(self, config: HubbleConfig, node_name: str, pin_dir: str, control=None,
-                 flow_observers=()):
+    """`node_view` names the flows' endpoints, identities, policies and services (the
+    daemon passes an agent/nodeview.AgentNodeView; None names nothing). Its owner closes it."""
+
+    def __init__(self, config: HubbleConfig, node_name: str, pin_dir: str,
+                 node_view: NodeView | None = None, flow_observers=()):
         self.config = config
         self.pin_dir = pin_dir
         self.ring = FlowRing(config.ring_capacity)
-        self.enricher = AgentEnricher(control, pin_dir)
-        self.parser = Parser(node_name, self.enricher)
+        self.parser = Parser(node_name, node_view)
         # Callables given every parsed flow (metrics); they run on the reader thread.
         self.flow_observers = list(flow_observers)
         self.server = None
@@ -124,7 +56,7 @@ class Hubble:
         self.consumer_failures = 0   # records of batches whose processing raised
         self._datapath_lost_seen: int | None = None
         self._perf_lost_fn = lambda: 0
-        self._lost_map = EventsLostMap(pin_dir)  # read every LOST_CHECK_SECONDS: kept open
+        self._lost_map = EventsLostMap.shared(pin_dir)  # read every LOST_CHECK_SECONDS: kept open
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -187,5 +119,4 @@ class Hubble:
         self.ring.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.enricher.close()
         self._lost_map.close()

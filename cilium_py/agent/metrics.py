@@ -63,12 +63,12 @@ def drop_reason_label(reason: int) -> str:
 
 
 def read_metrics_map(pin_dir: str) -> dict[tuple[int, int], tuple[int, int]]:
-    with MetricsMap(pin_dir) as m:
+    with MetricsMap.shared(pin_dir) as m:
         return {(x.reason, x.direction): (x.packets, x.bytes) for x in m.list()}
 
 
 def read_events_lost(pin_dir: str) -> int:
-    with EventsLostMap(pin_dir) as m:
+    with EventsLostMap.shared(pin_dir) as m:
         return m.total()
 
 
@@ -115,7 +115,7 @@ class MapPressure:
         ratios = {}
         for cls in self.MAPS:
             try:
-                with cls(self.pin_dir) as m:
+                with cls.shared(self.pin_dir) as m:
                     ratios[cls.NAME] = count_entries(m) / m.max_entries if m.max_entries else 0.0
             except MapNotFound:
                 continue

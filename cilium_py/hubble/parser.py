@@ -2,10 +2,10 @@
 
 The parser reads the raw `struct event` bytes (bpf/lib/events.h) with one precompiled
 struct instead of going through the ctypes mirror and MonitorEvent: at 100k events/s
-every microsecond per record is a tenth of a core. Names come from an Enricher (the
-agent's endpoints, identities, policies and services); what it returns is cached per
-address until its `generation` changes, so a steady stream of flows between the same
-pods costs dictionary lookups, not label formatting.
+every microsecond per record is a tenth of a core. Names come from a NodeView
+(cilium_py/hubble/nodeview.py: the agent's endpoints, identities, policies and services);
+what it returns is cached per address until its `generation` changes, so a steady stream
+of flows between the same pods costs dictionary lookups, not label formatting.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 from cilium_py.datapath.maps.events import (
     EVENT_DROP,
@@ -28,6 +26,7 @@ from cilium_py.datapath.maps.events import (
 from google.protobuf.timestamp_pb2 import Timestamp as _Timestamp
 
 from cilium_py.hubble.api.flow import flow_pb2 as F
+from cilium_py.hubble.nodeview import NodeView, NullNodeView
 
 # The fixed part of struct event, in the C field order; the captured packet follows.
 _HEAD = struct.Struct("<BBHIIHH" "IIHBBIHBb2sBBiI")
@@ -43,9 +42,6 @@ CT_REPLY = 2
 # Datapath observation point -> TraceObservationPoint: only to-endpoint differs (0 -> 101).
 OBSERVATION_POINTS = {TRACE_TO_ENDPOINT: F.TO_ENDPOINT, TRACE_FROM_ENDPOINT: F.FROM_ENDPOINT}
 
-RESERVED_LABELS = {1: "reserved:host", 2: "reserved:world", 3: "reserved:unmanaged",
-                   4: "reserved:health", 5: "reserved:init", 6: "reserved:remote-node",
-                   7: "reserved:kube-apiserver"}
 IDENTITY_WORLD = 2
 
 
@@ -64,56 +60,6 @@ class ParseError(ValueError):
     """A record the parser cannot turn into a flow (short, unknown type); counted, skipped."""
 
 
-@dataclass(frozen=True)
-class EndpointInfo:
-    id: int
-    identity: int
-    namespace: str
-    pod_name: str
-    labels: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PolicyRef:
-    name: str
-    namespace: str
-    kind: str
-
-
-class Enricher(Protocol):
-    """What the parser asks the agent. `generation` must change whenever an answer may."""
-
-    generation: int
-
-    def endpoint(self, ip: str) -> EndpointInfo | None: ...
-    def identity_of(self, ip: str) -> int: ...
-    def identity_labels(self, identity: int) -> tuple[str, ...]: ...
-    def policy(self, cookie: int) -> PolicyRef | None: ...
-    def service(self, ip: str, port: int, protocol: int) -> tuple[str, str] | None: ...
-
-
-class NoEnrichment:
-    """Flows with addresses and identities only: for tools and tests without an agent."""
-
-    generation = 0
-
-    def endpoint(self, ip):
-        return None
-
-    def identity_of(self, ip):
-        return 0
-
-    def identity_labels(self, identity):
-        label = RESERVED_LABELS.get(identity)
-        return (label,) if label else ()
-
-    def policy(self, cookie):
-        return None
-
-    def service(self, ip, port, protocol):
-        return None
-
-
 class UUIDs:
     """Unique flow IDs in UUID form: a random prefix per process and a counter.
     uuid4() per flow would cost about a third of the whole parse."""
@@ -130,9 +76,9 @@ class UUIDs:
 
 
 class Parser:
-    def __init__(self, node_name: str, enricher: Enricher | None = None):
+    def __init__(self, node_name: str, node_view: NodeView | None = None):
         self.node_name = node_name
-        self.enricher = enricher or NoEnrichment()
+        self.node_view = node_view or NullNodeView()
         self.uuids = UUIDs()
         self.parsed = 0
         self.errors = 0
@@ -147,7 +93,7 @@ class Parser:
     # -- caches ---------------------------------------------------------------------
 
     def _check_generation(self) -> None:
-        generation = self.enricher.generation
+        generation = self.node_view.generation
         if generation != self._generation:
             self._generation = generation
             self._endpoints.clear()
@@ -159,14 +105,14 @@ class Parser:
         ep = self._endpoints.get(key)
         if ep is not None:
             return ep
-        info = self.enricher.endpoint(ip) if ip else None
+        info = self.node_view.endpoint_by_ip(ip) if ip else None
         if info is not None:
             ep = F.Endpoint(ID=info.id, identity=info.identity, namespace=info.namespace,
                             pod_name=info.pod_name, labels=info.labels)
         else:
             if not identity and ip:
-                identity = self.enricher.identity_of(ip) or IDENTITY_WORLD
-            ep = F.Endpoint(identity=identity, labels=self.enricher.identity_labels(identity))
+                identity = self.node_view.identity_by_ip(ip) or IDENTITY_WORLD
+            ep = F.Endpoint(identity=identity, labels=self.node_view.identity_labels(identity))
         if len(self._endpoints) > 65536:
             self._endpoints.clear()
         self._endpoints[key] = ep
@@ -175,7 +121,7 @@ class Parser:
     def _policy(self, cookie: int) -> F.Policy | None:
         if cookie in self._policies:
             return self._policies[cookie]
-        ref = self.enricher.policy(cookie) if cookie else None
+        ref = self.node_view.policy_by_cookie(cookie) if cookie else None
         policy = F.Policy(name=ref.name, namespace=ref.namespace, kind=ref.kind) if ref else None
         self._policies[cookie] = policy
         return policy
@@ -184,7 +130,7 @@ class Parser:
         key = (ip, port, proto)
         if key in self._services:
             return self._services[key]
-        found = self.enricher.service(ip, port, proto)
+        found = self.node_view.service_by_frontend(ip, port, proto)
         svc = F.Service(name=found[0], namespace=found[1]) if found else None
         if len(self._services) > 65536:
             self._services.clear()

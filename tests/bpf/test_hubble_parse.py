@@ -16,7 +16,8 @@ import pytest
 from cilium_py.agent.policy.mapstate import PolicyRule
 from cilium_py.datapath.maps.policy import EGRESS, INGRESS
 from cilium_py.hubble.api.flow import flow_pb2 as F
-from cilium_py.hubble.parser import EndpointInfo, Parser, PolicyRef
+from cilium_py.hubble.nodeview import EndpointInfo, PolicyRef
+from cilium_py.hubble.parser import Parser
 
 from . import packets as pk
 from .test_verdicts import (
@@ -49,22 +50,22 @@ class LabEnricher:
 
     generation = 1
 
-    def endpoint(self, ip):
+    def endpoint_by_ip(self, ip):
         if ip == POD_IP:
             return EndpointInfo(POD_ID, POD_IDENTITY, "shop", "web-1", POD_LABELS)
         return None
 
-    def identity_of(self, ip):
+    def identity_by_ip(self, ip):
         return PEER_IDENTITY if ip == PEER_IP else 0
 
     def identity_labels(self, identity):
         return {PEER_IDENTITY: PEER_LABELS, 2: ("reserved:world",)}.get(identity, ())
 
-    def policy(self, cookie):
+    def policy_by_cookie(self, cookie):
         return {ALLOW_COOKIE: PolicyRef("allow-web", "shop", "CiliumNetworkPolicy"),
                 DENY_COOKIE: PolicyRef("deny-db", "shop", "CiliumNetworkPolicy")}.get(cookie)
 
-    def service(self, ip, port, protocol):
+    def service_by_frontend(self, ip, port, protocol):
         return None
 
 

@@ -12,14 +12,8 @@ import pytest
 from google.protobuf import json_format
 
 from cilium_py.hubble.api.flow import flow_pb2 as F
-from cilium_py.hubble.parser import (
-    PACKET_OFFSET,
-    EndpointInfo,
-    NoEnrichment,
-    ParseError,
-    Parser,
-    PolicyRef,
-)
+from cilium_py.hubble.nodeview import EndpointInfo, NullNodeView, PolicyRef
+from cilium_py.hubble.parser import PACKET_OFFSET, ParseError, Parser
 from cilium_py.hubble.ring import FlowRing
 
 RECORDS = {name: [bytes.fromhex(h) for h in hexes] for name, hexes in
@@ -35,23 +29,23 @@ class Enricher:
         self.pod_name = "web-1"
         self.endpoint_calls = 0
 
-    def endpoint(self, ip):
+    def endpoint_by_ip(self, ip):
         self.endpoint_calls += 1
         if ip == POD_IP:
             return EndpointInfo(POD_ID, POD_IDENTITY, "shop", self.pod_name, ("k8s:app=web",))
         return None
 
-    def identity_of(self, ip):
+    def identity_by_ip(self, ip):
         return PEER_IDENTITY if ip == PEER_IP else 0
 
     def identity_labels(self, identity):
         return {PEER_IDENTITY: ("k8s:app=db",), 2: ("reserved:world",)}.get(identity, ())
 
-    def policy(self, cookie):
+    def policy_by_cookie(self, cookie):
         return {7: PolicyRef("allow-web", "shop", "CiliumNetworkPolicy"),
                 9: PolicyRef("deny-db", "shop", "CiliumNetworkPolicy")}.get(cookie)
 
-    def service(self, ip, port, protocol):
+    def service_by_frontend(self, ip, port, protocol):
         return ("db", "shop") if (ip, port, protocol) == (PEER_IP, 80, 6) else None
 
 
@@ -117,7 +111,7 @@ def test_invalid_source_drop_record():
 
 
 def test_without_enrichment_flows_carry_addresses_and_identities():
-    (trace,) = parse("udp_to_world", NoEnrichment())
+    (trace,) = parse("udp_to_world", NullNodeView())
     assert trace.source.pod_name == "" and trace.source.identity == POD_IDENTITY
     assert trace.IP.source == POD_IP
 

@@ -718,19 +718,17 @@ def test_numpy_records_match_the_ctypes_mirrors():
 
 
 def test_hubble_names_service_frontends(cluster):
-    from cilium_py.agent.hubble import AgentEnricher
+    from cilium_py.agent.nodeview import AgentNodeView
 
     cluster.service()
     cluster.sync()
-    control = type("Control", (), {"generation": 3, "services": cluster.manager})()
-    enricher = AgentEnricher.__new__(AgentEnricher)  # without the ipcache map it opens
-    enricher.control = control
-    assert enricher.service("10.96.0.10", 80, TCP) == ("web", "shop")
-    assert enricher.service("10.96.0.10", 80, UDP) is None
-    before = enricher.generation
+    view = AgentNodeView(ipcache_identity=lambda ip: None, services=cluster.manager)
+    assert view.service_by_frontend("10.96.0.10", 80, TCP) == ("web", "shop")
+    assert view.service_by_frontend("10.96.0.10", 80, UDP) is None
+    before = view.generation
     cluster.service(clusterIP="10.96.0.11")
     cluster.sync()
-    assert enricher.generation != before  # the parser's cache of service names is dropped
+    assert view.generation != before  # the parser's cache of service names is dropped
 
 
 def test_drift_is_repaired_from_the_maps(cluster):

@@ -195,6 +195,11 @@ class ServiceManager:
         return self._reconciler.status.runs
 
     @property
+    def controller_status(self):
+        """The services loop's status, listed with the agent's other controllers."""
+        return self._reconciler.status
+
+    @property
     def failures(self) -> int:
         return self._reconciler.status.failures
 

@@ -43,7 +43,6 @@ def start_services(agent_config, store, control) -> ServiceManager:
     manager = ServiceManager(store, BpfWriter(dp.pin_dir, dp.maglev_table_size),
                              service_config(agent_config), pods=ControlPlanePods(control),
                              socket_lb=socket_lb_enabled(agent_config), acceleration=acceleration(agent_config))
-    control.services = manager  # Hubble names service frontends through the control plane
     control.endpoint_listeners.append(manager.pods_changed)
     manager.start(before_first_sync=lambda: control.wait_for_revision(1, 60.0))
     return manager

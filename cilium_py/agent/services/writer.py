@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from cilium_py.datapath import libbpf
+from cilium_py.datapath.maps.base import numpy_dtype
 from cilium_py.datapath.maps.lb import (
     ALGORITHM_SHIFT,
     AFFINITY_TIMEOUT_MASK,
@@ -215,20 +216,12 @@ class MemoryWriter:
 
 # -- the pinned maps ------------------------------------------------------------------------
 
-def _dtype(ctype: type, fields: list[tuple[str, str]]) -> np.dtype:
-    """A numpy record type laid out exactly like the ctypes mirror (same offsets, size)."""
-    offsets = [getattr(ctype, name).offset for name, _ in fields]
-    return np.dtype({"names": [n for n, _ in fields], "formats": [f for _, f in fields],
-                     "offsets": offsets, "itemsize": ctypes.sizeof(ctype)})
-
-
-LB4_KEY = _dtype(Lb4Key, [("address", ">u4"), ("dport", ">u2"), ("backend_slot", "=u2"),
-                          ("proto", "u1"), ("scope", "u1")])
-LB4_SERVICE = _dtype(Lb4Service, [("backend_id", "=u4"), ("count", "=u2"), ("rev_nat_index", "=u2"),
-                                  ("flags", "u1"), ("flags2", "u1"), ("qcount", "=u2")])
-LB4_BACKEND = _dtype(Lb4Backend, [("address", ">u4"), ("port", ">u2"), ("proto", "u1"),
-                                  ("flags", "u1"), ("cluster_id", "=u2"), ("zone", "u1"), ("local", "u1")])
-LB4_REVNAT = _dtype(Lb4ReverseNat, [("address", ">u4"), ("port", ">u2")])
+# The batch layouts are the ctypes mirrors' own (byte order included), so a change to a
+# mirror in maps/lb.py reaches the batch writer without a second edit here.
+LB4_KEY = numpy_dtype(Lb4Key)
+LB4_SERVICE = numpy_dtype(Lb4Service)
+LB4_BACKEND = numpy_dtype(Lb4Backend)
+LB4_REVNAT = numpy_dtype(Lb4ReverseNat)
 
 
 def _keys(rows: list[tuple[FE, int]]) -> np.ndarray:
@@ -246,11 +239,11 @@ class BpfWriter:
     """Applies change sets to the pinned lb maps of one node."""
 
     def __init__(self, pin_dir: str, maglev_table_size: int):
-        self.services = ServicesMap(pin_dir)
-        self.backends = BackendsMap(pin_dir)
-        self.revnat = RevNatMap(pin_dir)
-        self.maglev = MaglevMap(pin_dir, maglev_table_size)
-        self.nat = NatMap(pin_dir)
+        self.services = ServicesMap.shared(pin_dir)
+        self.backends = BackendsMap.shared(pin_dir)
+        self.revnat = RevNatMap.shared(pin_dir)
+        self.maglev = MaglevMap.shared(pin_dir, maglev_table_size)
+        self.nat = NatMap.shared(pin_dir)
         self.batch_ops = True  # cleared if the kernel refuses batch operations
 
     def apply(self, c: LBChanges) -> None:

@@ -147,11 +147,29 @@ class CtAnyMap(_CtMap):
 
 
 class ConntrackTables:
-    """Both global tables, used together by the CLI and the GC."""
+    """Both global tables, used together by the CLI and the GC. `ConntrackTables(root)`
+    opens private fds; `ConntrackTables.shared(root)` handles on the process's shared ones."""
 
-    def __init__(self, root: str):
-        self.tcp = CtTcpMap(root)
-        self.any = CtAnyMap(root)
+    def __init__(self, root: str, *, shared: bool = False):
+        def open_table(cls):
+            return cls.shared(root) if shared else cls(root)
+
+        self.tcp = open_table(CtTcpMap)
+        try:
+            self.any = open_table(CtAnyMap)
+        except BaseException:
+            self.tcp.close()
+            raise
+
+    @classmethod
+    def shared(cls, root: str) -> ConntrackTables:
+        return cls(root, shared=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def connections(self) -> list[Connection]:
         now = monotonic_seconds()
