@@ -217,12 +217,13 @@ def build_cluster(namespaces: int = NAMESPACES, per_namespace: int = PODS_PER_NA
 
 
 def parse_all(policies):
-    from cilium_py.agent.policy.api import parse_policy
+    from cilium_py.agent.objects import parse_object
     from cilium_py.agent.policy.repository import PolicyRepository
 
     repo = PolicyRepository()
-    for kind, ns, name, body in policies:
-        repo.upsert((kind, ns or "", name), parse_policy(kind, ns, name, body))
+    for _, _, _, body in policies:
+        policy = parse_object(body, "bench")
+        repo.upsert(policy.key, policy.rules)
     return repo
 
 
