@@ -294,9 +294,6 @@ class ServiceManager:
         self._checked[obj.key] = (obj, checked)
         return checked
 
-    def _created(self, res: Resource) -> str:
-        return res.created
-
     def _node_ips(self) -> list[str]:
         ips = list(self.config.node_ips)
         node = self.store.get(("Node", "", self.config.node))
@@ -352,7 +349,7 @@ class ServiceManager:
         else:
             res = self.store.get(("Service" if owner[0] == SERVICE else "Pod", owner[1], owner[2]))
             if res is not None:
-                created = self._created(res)
+                created = res.created
         return (owner[0] != SERVICE, created == "", created, owner)
 
     # -- planning and claims ------------------------------------------------------------
