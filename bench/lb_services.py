@@ -21,21 +21,22 @@ import uuid
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import BpfWriter
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.objects import EndpointSlice, Service, parse_object
+from cilium_py.agent.store import Store
 from cilium_py.datapath import loader
 from cilium_py.datapath.config import DatapathConfig
 from cilium_py.datapath.maps.lb import ServicesMap
 
 
-def service(i: int) -> Resource:
+def service(i: int) -> Service:
     ip = str(ipaddress.IPv4Address("10.96.0.0") + 1 + i)
     body = {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": f"svc-{i}", "namespace": "bench"},
             "spec": {"clusterIP": ip, "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
-    return Resource("Service", "bench", f"svc-{i}", {}, body, "bench")
+    return parse_object(body, "bench")
 
 
-def endpoint_slice(i: int, backends: int) -> Resource:
+def endpoint_slice(i: int, backends: int) -> EndpointSlice:
     base = ipaddress.IPv4Address("10.200.0.0") + i * backends
     labels = {"kubernetes.io/service-name": f"svc-{i}"}
     body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -43,7 +44,7 @@ def endpoint_slice(i: int, backends: int) -> Resource:
             "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [str(base + b)], "conditions": {"ready": True}}
                           for b in range(backends)]}
-    return Resource("EndpointSlice", "bench", f"svc-{i}-x", labels, body, "bench")
+    return parse_object(body, "bench")
 
 
 class Timed:

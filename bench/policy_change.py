@@ -2,7 +2,7 @@
 at 1000 endpoints: the cost must follow the change, not the number of unaffected endpoints.
 
 A real ControlPlane (store-driven, incremental regeneration) over a real compiled and
-pinned datapath; the store is fed Resource objects directly (namespaces, pods, 5 policies
+pinned datapath; the store is fed typed objects directly (namespaces, pods, 5 policies
 per namespace, cluster from bench/policy_resolution.py). Endpoints have NO network
 namespace or veth: the endpoint manager is replaced by one that only writes the endpoint
 map and ipcache entries (fake ifindex), so endpoints exist in the BPF maps only.
@@ -85,7 +85,10 @@ def _measure_level(dp, n_endpoints: int, changes: int) -> dict:
     from bench import policy_resolution as gen
     from cilium_py.agent.controller import ControlPlane, ControlPlaneConfig
     from cilium_py.agent.policy.mapstate import PolicyWriter
-    from cilium_py.agent.store import Resource, Store
+    from dataclasses import replace
+
+    from cilium_py.agent.objects import Labels, parse_object
+    from cilium_py.agent.store import Store
 
     n_ns = n_endpoints // PODS_PER_NAMESPACE
     state_dir = tempfile.mkdtemp(prefix="ciliumpy-bench-pc-")
@@ -110,8 +113,7 @@ def _measure_level(dp, n_endpoints: int, changes: int) -> dict:
                 pods.append(pod)
             all_pols = gen.namespace_policies(i)
             for idx in POLICY_INDICES:
-                kind, ns, name, body = all_pols[idx]
-                store.upsert(Resource(kind, ns, name, {}, body))
+                store.upsert(parse_object(all_pols[idx][3], "bench"))
         store.wait_idle()
         t0 = time.perf_counter()
         cp.start()
@@ -145,8 +147,8 @@ def _measure_level(dp, n_endpoints: int, changes: int) -> dict:
             if len(policy_ms) >= MIN_CHANGES and time.perf_counter() - t_kind > BUDGET_S:
                 break
             i = k % 5
-            kind, ns, name, body = gen.namespace_policies(i, api_port=8100 + k)[1]
-            policy_ms.append(timed(Resource(kind, ns, name, {}, body)))
+            body = gen.namespace_policies(i, api_port=8100 + k)[1][3]
+            policy_ms.append(timed(parse_object(body, "bench")))
 
         label_ms = []
         current = {p.key: p for p in pods}
@@ -160,8 +162,7 @@ def _measure_level(dp, n_endpoints: int, changes: int) -> dict:
             labels = dict(pod.labels)
             if labels.pop("canary", None) is None:
                 labels["canary"] = "true"
-            body = {**pod.body, "metadata": {**pod.body["metadata"], "labels": labels}}
-            new = Resource("Pod", pod.namespace, pod.name, labels, body)
+            new = replace(pod, labels=Labels(labels))
             current[pod.key] = new
             label_ms.append(timed(new))
         return {"initial_s": initial_s, "policy": policy_ms, "label": label_ms,

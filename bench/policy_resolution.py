@@ -45,16 +45,15 @@ def namespace_labels(i: int) -> dict:
 
 
 def namespace_resources(count: int):
-    from cilium_py.agent.store import Resource
+    from cilium_py.agent.objects import parse_namespace
 
-    return [Resource("Namespace", None, ns_name(i), namespace_labels(i),
-                     {"apiVersion": "v1", "kind": "Namespace",
-                      "metadata": {"name": ns_name(i), "labels": namespace_labels(i)}})
+    return [parse_namespace({"apiVersion": "v1", "kind": "Namespace",
+                             "metadata": {"name": ns_name(i), "labels": namespace_labels(i)}}, "bench")
             for i in range(count)]
 
 
 def pod_resource(ns: str, name: str, labels: dict, app: str, node: str | None):
-    from cilium_py.agent.store import Resource
+    from cilium_py.agent.objects import parse_pod
 
     ports = [{"name": n, "containerPort": p, "protocol": proto}
              for n, p, proto in CONTAINER_PORTS[app]]
@@ -62,10 +61,9 @@ def pod_resource(ns: str, name: str, labels: dict, app: str, node: str | None):
             "serviceAccountName": app}
     if node is not None:
         spec["nodeName"] = node
-    return Resource("Pod", ns, name, dict(labels),
-                    {"apiVersion": "v1", "kind": "Pod",
-                     "metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
-                     "spec": spec})
+    return parse_pod({"apiVersion": "v1", "kind": "Pod",
+                      "metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
+                      "spec": spec}, "bench")
 
 
 def pod_resources(ns_index: int, per_namespace: int = PODS_PER_NAMESPACE, node: str | None = None):
@@ -212,19 +210,20 @@ def build_cluster(namespaces: int = NAMESPACES, per_namespace: int = PODS_PER_NA
     for i in range(namespaces):
         for pod in pod_resources(i, per_namespace):
             labels = endpoint_labels(pod.labels, pod.namespace, ns_labels[pod.namespace],
-                                     pod.body["spec"]["serviceAccountName"])
+                                     pod.service_account)
             named, _ = pod_ports(pod)
             endpoints.append((pod.namespace, labels, alloc.acquire(labels), named))
     return endpoints, alloc
 
 
 def parse_all(policies):
-    from cilium_py.agent.policy.api import parse_policy
+    from cilium_py.agent.objects import parse_object
     from cilium_py.agent.policy.repository import PolicyRepository
 
     repo = PolicyRepository()
-    for kind, ns, name, body in policies:
-        repo.upsert((kind, ns or "", name), parse_policy(kind, ns, name, body))
+    for _, _, _, body in policies:
+        policy = parse_object(body, "bench")
+        repo.upsert(policy.key, policy.rules)
     return repo
 
 

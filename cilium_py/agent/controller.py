@@ -34,7 +34,7 @@ from cilium_py.agent.identity import IdentityAllocator
 from cilium_py.agent.ipam import IPAM
 from cilium_py.agent.ipcache import SOURCE_GENERATED
 from cilium_py.agent.labels import endpoint_labels, format_labels, labels_key
-from cilium_py.agent.policy.api import PolicyError, parse_policy
+from cilium_py.agent.objects import Pod
 from cilium_py.agent.policy.mapstate import PolicyRealizeError, PolicyWriter
 from cilium_py.agent.policy.repository import PolicyRepository
 from cilium_py.agent.policy.resolve import NAMESPACE_KEY, EndpointContext, PeerIndex, resolve
@@ -42,7 +42,7 @@ from cilium_py.agent.policy.selector import IN
 from cilium_py.agent.reconcile import ControllerStatus, Reconciler
 from cilium_py.agent.store import Resource, Store
 from cilium_py.datapath.config import DatapathConfig
-from cilium_py.vocab import EGRESS, INGRESS, K8S_PROTOCOLS, POLICY_KINDS, TCP
+from cilium_py.vocab import EGRESS, INGRESS, POLICY_KINDS, protocol_name
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,8 @@ def describe(res: Resource) -> str:
     return f"{res.kind} {res.namespace + '/' if res.namespace else ''}{res.name}"
 
 
-def pod_ports(pod: Resource) -> tuple[dict, list]:
-    named, ports = {}, []
-    for container in pod.body.get("spec", {}).get("containers", []) or []:
-        for port in container.get("ports", []) or []:
-            number = int(port["containerPort"])
-            proto = str(port.get("protocol", "TCP")).upper()
-            ports.append((number, proto))
-            if port.get("name"):
-                named[port["name"]] = (number, K8S_PROTOCOLS.get(proto, TCP))
-    return named, ports
+def pod_ports(pod: Pod) -> tuple[dict, list]:
+    return pod.named_ports, [(p.port, protocol_name(p.protocol)) for p in pod.ports]
 
 
 class ControlPlane:
@@ -158,16 +150,8 @@ class ControlPlane:
         if event == "delete":
             self.rejected.pop(key, None)
             return self.repo.delete(key)
-        try:
-            rules = parse_policy(res.kind, res.namespace, res.name, res.body)
-        except PolicyError as e:
-            # Fail closed on the object, keep everything else: the earlier version of this
-            # policy (if any) stays in force until a valid one replaces it.
-            self.rejected[key] = ValidationError(res.source, describe(res), e.field, e.message)
-            log.warning("rejected %s", self.rejected[key])
-            return set()
         self.rejected.pop(key, None)
-        return self.repo.upsert(key, rules)
+        return self.repo.upsert(key, res.rules)  # parsed by the source: only valid policies get here
 
     # -- regeneration -----------------------------------------------------------------
 
@@ -177,8 +161,8 @@ class ControlPlane:
     def stop(self) -> None:
         self.reconciler.stop()
 
-    def _is_ours(self, pod: Resource) -> bool:
-        assigned = pod.body.get("spec", {}).get("nodeName")
+    def _is_ours(self, pod: Pod) -> bool:
+        assigned = pod.node_name
         return assigned == self.config.datapath.node or (assigned is None and self.config.lab)
 
     def _node_pods(self) -> dict[str, Resource]:
@@ -320,10 +304,9 @@ class ControlPlane:
                     return True
         return False
 
-    def _ensure_endpoint(self, key: str, pod: Resource) -> None:
-        spec = pod.body.get("spec", {})
+    def _ensure_endpoint(self, key: str, pod: Pod) -> None:
         labels = endpoint_labels(pod.labels, pod.namespace, self._namespace_labels(pod.namespace),
-                                 spec.get("serviceAccountName") or "default")
+                                 pod.service_account)
         named, ports = pod_ports(pod)
         ep = self.endpoints.get(key)
         if ep is not None:

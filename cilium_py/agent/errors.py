@@ -18,3 +18,15 @@ class ValidationError(ValueError):
 
     def to_dict(self) -> dict:
         return {"source": self.source, "object": self.obj, "field": self.field, "message": self.message}
+
+
+class InvalidObject(ValidationError):
+    """An object rejected for every problem in `errors` (a user sees them all at once); the
+    exception itself describes the first. `key` is the object's store key when it could
+    be named, so a source can keep the object's previous valid version in effect."""
+
+    def __init__(self, errors: list[ValidationError], key: tuple[str, str, str] | None = None):
+        first = errors[0]
+        super().__init__(first.source, first.obj, first.field, first.message)
+        self.errors = list(errors)
+        self.key = key

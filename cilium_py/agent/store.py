@@ -1,4 +1,5 @@
-"""One in-memory store of typed Kubernetes-style objects, fed by the sources.
+"""One in-memory store of typed Kubernetes-style objects (cilium_py.agent.objects), fed by
+the sources, which build them with the kinds' parsers.
 
 Subscribers are called with (event, old, new) on a small pool of worker threads. Every
 key hashes to one worker, so the changes to one object reach a subscriber in the order
@@ -6,8 +7,8 @@ they happened, while a slow handler for one object does not hold up the others (
 those that share its worker). Handlers run outside the store lock and may read or write
 the store.
 
-An upsert of an object equal to the stored one (every field, including the file it came
-from) is not an event: sources re-read everything and would otherwise make every
+An upsert of an object equal to the stored one (every parsed field, including the file it
+came from) is not an event: sources re-read everything and would otherwise make every
 controller redo its work on each pass.
 """
 
@@ -19,37 +20,18 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+# The store holds the typed objects of cilium_py.agent.objects; `Resource` is their base.
+from cilium_py.agent.objects.base import Key, Resource
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str, str]
 Callback = Callable[[str, "Resource | None", "Resource | None"], None]
+
+__all__ = ["DELETE", "UPSERT", "Callback", "Key", "Resource", "Store"]
 
 UPSERT = "upsert"
 DELETE = "delete"
-
-
-@dataclass(frozen=True, eq=True)
-class Resource:
-    kind: str
-    namespace: str | None
-    name: str
-    labels: dict[str, str] = field(default_factory=dict)
-    body: dict = field(default_factory=dict)
-    source: str = ""
-
-    # Frozen for safety against accidental rebinding, but the dicts inside make it
-    # unhashable; objects are identified by `key`.
-    __hash__ = None  # type: ignore[assignment]
-
-    @property
-    def key(self) -> Key:
-        return (self.kind, self.namespace or "", self.name)
-
-    def describe(self) -> str:
-        """"Kind ns/name", or "Kind name" for cluster-scoped objects."""
-        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
 
 
 class Store:

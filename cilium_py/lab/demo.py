@@ -19,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from cilium_py.agent.objects import Pod
+from cilium_py.agent.sources.manifests import parse_documents
 from cilium_py.lab import services_demo
 from cilium_py.lab.lab import WORLD_PORT, Lab
 from cilium_py.lab.matrix import Target, measure, render
+from cilium_py.vocab import protocol_name
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
 NAME = "demo"
@@ -34,17 +35,13 @@ def say(title: str) -> None:
 
 
 def pod_targets(directory: Path) -> list[tuple[str, int, str]]:
-    """(namespace/pod, port, protocol) for every containerPort in the manifests."""
+    """(namespace/pod, port, protocol) for every containerPort in the manifests, read by the
+    same parser the agent uses."""
     out = []
     for f in sorted(directory.glob("*.yaml")):
-        for doc in yaml.safe_load_all(f.read_text()):
-            if not isinstance(doc, dict) or doc.get("kind") != "Pod":
-                continue
-            meta = doc["metadata"]
-            key = f"{meta.get('namespace', 'default')}/{meta['name']}"
-            for c in doc["spec"].get("containers", []):
-                for p in c.get("ports", []):
-                    out.append((key, int(p["containerPort"]), p.get("protocol", "TCP")))
+        objects, _ = parse_documents(f.read_text(), str(f))
+        out += [(f"{pod.namespace}/{pod.name}", p.port, protocol_name(p.protocol))
+                for pod in objects if isinstance(pod, Pod) for p in pod.ports]
     return out
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cilium_py.agent.objects import parse_object
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.maglev import build_table
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import BpfWriter
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.store import Store
 from cilium_py.cli.main import cli
 from cilium_py.datapath import libbpf
 from cilium_py.datapath.maps.lb import (
@@ -58,11 +59,12 @@ def put_service(store, name, cluster_ip, addresses, annotations=None, **spec):
     spec = {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080,
                                                  "protocol": "TCP", **spec.pop("port", {})}], **spec}
     meta = {"name": name, "namespace": "shop", **({"annotations": annotations} if annotations else {})}
-    store.upsert(Resource("Service", "shop", name, {}, {"metadata": meta, "spec": spec}, "t.yaml"))
+    store.upsert(parse_object({"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}, "t.yaml"))
     labels = {"kubernetes.io/service-name": name}
     eps = [{"addresses": [a], **({"conditions": c} if c else {}), **({"nodeName": n} if n else {})}
            for a, c, n in ((x, None, None) if isinstance(x, str) else x for x in addresses)]
-    store.upsert(Resource("EndpointSlice", "shop", name, labels, {
+    store.upsert(parse_object({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "shop", "labels": labels}, "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps}, "t.yaml"))
 

@@ -1,44 +1,17 @@
 import os
-import sys
 import textwrap
 import threading
-import types
 
 import pytest
 
 from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.objects import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, Pod
 from cilium_py.agent.sources.manifests import (
-    POLICY_API,
     ManifestsSource,
     ManifestSyntaxError,
     parse_documents,
 )
-from cilium_py.agent.store import Resource, Store
-
-
-class FakePolicyError(ValueError):
-    def __init__(self, field, message):
-        self.field, self.message = field, message
-        super().__init__(f"{field}: {message}")
-
-
-@pytest.fixture(autouse=True)
-def fake_policy_api(monkeypatch):
-    """The real policy engine is tested on its own; here only the contract matters:
-    parse_policy(kind, namespace, name, body) raising PolicyError(field, message)."""
-    module = types.ModuleType(POLICY_API)
-    module.calls = []
-
-    def parse_policy(kind, namespace, name, body):
-        module.calls.append((kind, namespace, name))
-        if body.get("spec", {}).get("reject"):
-            raise FakePolicyError("spec.ingress[0].toPorts[0].ports[1].port", "port 0 is not allowed")
-        return []
-
-    module.PolicyError = FakePolicyError
-    module.parse_policy = parse_policy
-    monkeypatch.setitem(sys.modules, POLICY_API, module)
-    return module
+from cilium_py.agent.store import Store
 
 
 @pytest.fixture
@@ -92,8 +65,8 @@ def test_multi_document_parse_with_defaults():
     ns, web, db = resources
     assert ns.namespace is None and ns.labels == {"team": "a"}
     assert web.labels == {"app": "web"} and web.source == "x.yaml"
-    assert db.body["metadata"]["namespace"] == "default"
-    assert db.body["spec"]["containers"][0]["ports"][0]["protocol"] == "TCP"
+    assert db.namespace == "default"
+    assert db.ports[0].protocol == 6  # TCP, the API server's default
 
 
 def test_malformed_yaml_names_file_and_line():
@@ -184,7 +157,7 @@ def test_pod_without_containers_and_with_node_name():
     assert one_error(parse_documents(text, "a.yaml")[1]).field == "spec.containers"
     ok = pod_yaml("web") + "  nodeName: node-1\n"
     resources, errors = parse_documents(ok, "a.yaml")
-    assert errors == [] and resources[0].body["spec"]["nodeName"] == "node-1"
+    assert errors == [] and resources[0].node_name == "node-1"
 
 
 def test_label_values_must_be_strings():
@@ -221,38 +194,36 @@ def test_service_ports():
     assert (err.obj, err.field) == ("Service default/web", "spec.ports[1].port")
 
 
-def test_policies_are_validated_by_the_policy_engine(fake_policy_api):
+def test_policies_are_parsed_once_into_their_rules():
     text = dedent("""
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: good, namespace: prod}
-        spec: {endpointSelector: {}}
+        spec: {endpointSelector: {}, ingress: [{fromEndpoints: [{}]}]}
         ---
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: bad}
-        spec: {reject: true}
+        spec:
+          endpointSelector: {}
+          ingress: [{toPorts: [{ports: [{port: "80"}, {port: "Bad_Name"}]}]}]
         ---
         apiVersion: cilium.io/v2
         kind: CiliumClusterwideNetworkPolicy
         metadata: {name: cluster}
-        spec: {}
+        spec: {endpointSelector: {}}
         """)
     resources, errors = parse_documents(text, "p.yaml")
     assert [r.name for r in resources] == ["good", "cluster"]
+    good, cluster = resources
+    assert isinstance(good, CiliumNetworkPolicy) and isinstance(cluster, CiliumClusterwideNetworkPolicy)
+    assert [(r.kind, r.namespace, r.name) for r in good.rules] == [("CiliumNetworkPolicy", "prod", "good")]
+    assert good.rules[0].ingress[0].endpoints, "the rules are what the policy parser made of the spec"
+    assert cluster.namespace is None and cluster.rules[0].namespace == ""
     err = one_error(errors)
-    assert str(err) == ("p.yaml: CiliumNetworkPolicy default/bad: spec.ingress[0].toPorts[0].ports[1].port: "
-                        "port 0 is not allowed")
-    assert fake_policy_api.calls == [("CiliumNetworkPolicy", "prod", "good"),
-                                     ("CiliumNetworkPolicy", "default", "bad"),
-                                     ("CiliumClusterwideNetworkPolicy", None, "cluster")]
-
-
-def test_policies_are_stored_unvalidated_without_a_policy_engine(monkeypatch):
-    monkeypatch.setitem(sys.modules, POLICY_API, None)
-    text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {reject: true}\n"
-    resources, errors = parse_documents(text, "p.yaml")
-    assert errors == [] and resources[0].name == "x"
+    assert (err.source, err.obj, err.field) == ("p.yaml", "CiliumNetworkPolicy default/bad",
+                                                "spec.ingress[0].toPorts[0].ports[1].port")
+    assert err.key == ("CiliumNetworkPolicy", "default", "bad")
 
 
 def test_list_and_json():
@@ -308,7 +279,7 @@ def test_sync_add_change_remove(tmp_path, store):
 
     write(d, "web.yaml", pod_yaml("web", ns="prod", port=8080))
     assert src.sync_once().upserted == [("Pod", "prod", "web")]
-    assert store.get(("Pod", "prod", "web")).body["spec"]["containers"][0]["ports"][0]["containerPort"] == 8080
+    assert store.get(("Pod", "prod", "web")).ports[0].port == 8080
 
     write(d, "db.yaml", pod_yaml("db", ns="prod"))
     assert src.sync_once().upserted == [("Pod", "prod", "db")]
@@ -349,7 +320,7 @@ def test_invalid_change_keeps_the_last_valid_version(tmp_path, store):
     assert err.field == "spec.containers[0].ports[0].containerPort"
     assert "previous valid version stays in effect" in err.message
     assert result.deleted == [] and result.upserted == [("Pod", "default", "db")]
-    assert store.get(("Pod", "default", "web")).body["spec"]["containers"][0]["ports"][0]["containerPort"] == 80
+    assert store.get(("Pod", "default", "web")).ports[0].port == 80
 
     write(d, "web.yaml", pod_yaml("web", port=81))
     result = src.sync_once()
@@ -382,7 +353,7 @@ def test_unparsable_file_keeps_its_objects_and_others_still_sync(tmp_path, store
     assert "invalid YAML at line" in err.message and "1 object last loaded from this file stays" in err.message
     assert result.deleted == []
     assert store.get(("Pod", "default", "web")) is not None
-    assert store.get(("Pod", "default", "db")).body["spec"]["containers"][0]["ports"][0]["containerPort"] == 5432
+    assert store.get(("Pod", "default", "db")).ports[0].port == 5432
 
 
 def test_unparsable_file_on_first_load_does_not_block_other_files(tmp_path, store):
@@ -409,7 +380,7 @@ def test_duplicate_definition_keeps_the_original_file(tmp_path, store):
 
 
 def test_objects_from_other_sources_are_left_alone(tmp_path, store):
-    store.upsert(Resource("Pod", "default", "api-made", {}, {}, "api"))
+    store.upsert(Pod(namespace="default", name="api-made", source="api"))
     write(str(tmp_path), "a.yaml", pod_yaml("web"))
     src = ManifestsSource(str(tmp_path), store)
     src.sync_once()
@@ -468,3 +439,23 @@ def test_start_watches_the_directory(tmp_path, store):
             assert conds.wait_for(lambda: ("delete", "web") in arrived, timeout=10)
     finally:
         src.stop()
+
+
+def test_a_parser_bug_is_reported_and_keeps_the_previous_version(tmp_path, store, monkeypatch):
+    from cilium_py.agent import objects
+
+    d = str(tmp_path)
+    write(d, "web.yaml", pod_yaml("web"))
+    src = ManifestsSource(d, store)
+    src.sync_once()
+
+    def broken(doc, source, where="object"):
+        raise KeyError("surprise")
+
+    monkeypatch.setitem(objects.PARSERS, "Pod", broken)
+    write(d, "web.yaml", pod_yaml("web", port=81))
+    result = src.sync_once()
+    err = one_error(src.errors)
+    assert (err.obj, err.key) == ("Pod default/web", ("Pod", "default", "web"))
+    assert "internal error" in err.message and "previous valid version stays in effect" in err.message
+    assert result.deleted == [] and store.get(("Pod", "default", "web")).ports[0].port == 80

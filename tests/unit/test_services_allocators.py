@@ -9,16 +9,17 @@ import ipaddress
 import pytest
 
 from cilium_py.agent.services.allocators import ClusterIPAllocator, IDAllocator, IDExhausted, NodePortAllocator
-from cilium_py.agent.services.parse import ServicePort, ServiceSpec, ServiceValidationError
+from cilium_py.agent.objects import Service, ServicePort
+from cilium_py.agent.services.parse import ServiceValidationError
 
 WEB = ("Service", "shop", "web")
 OTHER = ("Service", "shop", "other")
 TCP, UDP = 6, 17
 
 
-def node_port_service(name="web", ports=(("http", TCP),)) -> ServiceSpec:
-    return ServiceSpec("shop", name, "svc.yaml", "NodePort", "10.96.0.10", False,
-                       tuple(ServicePort(n, 80, proto, 8080, 0, i) for i, (n, proto) in enumerate(ports)))
+def node_port_service(name="web", ports=(("http", TCP),)) -> Service:
+    return Service(namespace="shop", name=name, source="svc.yaml", type="NodePort", cluster_ip="10.96.0.10",
+                   ports=tuple(ServicePort(n, 80, proto, 8080, 0, i) for i, (n, proto) in enumerate(ports)))
 
 
 # -- IDs ------------------------------------------------------------------------------------

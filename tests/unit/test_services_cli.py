@@ -16,7 +16,8 @@ from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.wiring import kpr_status
 from cilium_py.agent.services.writer import MemoryWriter
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.objects import parse_object
+from cilium_py.agent.store import Store
 from cilium_py.cli import service as service_cli
 from cilium_py.cli.main import cli
 from cilium_py.datapath.maps.lb import (
@@ -60,17 +61,19 @@ def agent(tmp_path):
     store = fake.store
     spec = {"type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
             "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "protocol": "TCP"}]}
-    store.upsert(Resource("Service", "shop", "web", {}, {"metadata": {"name": "web", "namespace": "shop"},
-                                                          "spec": spec}, "svc.yaml"))
+    store.upsert(parse_object({"apiVersion": "v1", "kind": "Service",
+                               "metadata": {"name": "web", "namespace": "shop"}, "spec": spec}, "svc.yaml"))
     labels = {"kubernetes.io/service-name": "web"}
-    store.upsert(Resource("EndpointSlice", "shop", "web-1", labels, {
+    store.upsert(parse_object({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "web-1", "namespace": "shop", "labels": labels}, "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "n1"},
                       {"addresses": ["10.244.2.5"], "nodeName": "n2"},
                       {"addresses": ["10.244.1.6"], "conditions": {"terminating": True}, "nodeName": "n1"}]}, "eps.yaml"))
-    bad = {"metadata": {"name": "bad", "namespace": "shop"}, "spec": {"ports": [{"port": 80, "protocol": "SCTP"}]}}
-    store.upsert(Resource("Service", "shop", "bad", {}, bad, "bad.yaml"))
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad", "namespace": "shop"},
+           "spec": {"ports": [{"port": 80, "protocol": "SCTP"}]}}
+    store.upsert(parse_object(bad, "bad.yaml"))
     store.wait_idle(5)
     fake.services.sync()
     server = APIServer(str(tmp_path / "n1" / "ciliumpy.sock"), fake)

@@ -8,13 +8,16 @@ import ipaddress
 
 import numpy as np
 import pytest
+import yaml
 
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import PodAddresses
 from cilium_py.agent.services.maglev import build_table
 from cilium_py.agent.services.manager import ServiceManager
 from cilium_py.agent.services.writer import MemoryWriter
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.objects import parse_object
+from cilium_py.agent.sources.manifests import ManifestsSource
+from cilium_py.agent.store import Store
 from cilium_py.datapath.maps.lb import (
     ALGORITHM_MAGLEV,
     ALGORITHM_RANDOM,
@@ -69,7 +72,7 @@ class Cluster:
 
     # -- objects --------------------------------------------------------------------------
 
-    def service(self, name="web", ns="shop", ports=None, created="", annotations=None, **spec):
+    def service(self, name="web", ns="shop", ports=None, created="", annotations=None, status=None, **spec):
         spec.setdefault("clusterIP", "10.96.0.10")
         spec["ports"] = ports if ports is not None else [{"name": "http", "port": 80, "targetPort": 8080,
                                                           "protocol": "TCP"}]
@@ -78,8 +81,10 @@ class Cluster:
             meta["creationTimestamp"] = created
         if annotations:
             meta["annotations"] = annotations
-        self.store.upsert(Resource("Service", ns, name, {}, {"apiVersion": "v1", "kind": "Service",
-                                                              "metadata": meta, "spec": spec}, "svc.yaml"))
+        doc = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+        if status is not None:
+            doc["status"] = status
+        self.store.upsert(parse_object(doc, "svc.yaml"))
 
     def endpoints(self, addresses, service="web", ns="shop", name=None, port=8080, port_name="http",
                   protocol="TCP", **conditions):
@@ -96,7 +101,7 @@ class Cluster:
         body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": name, "namespace": ns, "labels": labels}, "addressType": "IPv4",
                 "endpoints": eps, "ports": [{"name": port_name, "port": port, "protocol": protocol}]}
-        self.store.upsert(Resource("EndpointSlice", ns, name, labels, body, "eps.yaml"))
+        self.store.upsert(parse_object(body, "eps.yaml"))
 
     def pod(self, name, ip=None, ns="shop", labels=None, ports=None, **spec):
         containers = [{"name": "c", "ports": ports if ports is not None else [{"name": "http", "containerPort": 8080}]}]
@@ -104,7 +109,9 @@ class Cluster:
                 "spec": {"containers": containers, **spec}}
         if ip is not None:
             self.pods.ips[(ns, name)] = ip
-        self.store.upsert(Resource("Pod", ns, name, labels or {}, body, "pod.yaml"))
+        if labels:
+            body["metadata"]["labels"] = labels
+        self.store.upsert(parse_object(body, "pod.yaml"))
 
     def delete(self, kind, name, ns="shop"):
         self.store.delete((kind, ns, name))
@@ -188,7 +195,7 @@ def test_node_object_addresses_carry_node_ports_too(cluster):
     def node(name, *addresses):
         body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
                 "status": {"addresses": [{"type": t, "address": a} for t, a in addresses]}}
-        cluster.store.upsert(Resource("Node", None, name, {}, body, "node.yaml"))
+        cluster.store.upsert(parse_object(body, "node.yaml"))
 
     cluster.service(type="NodePort", ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}])
     node(NODE, ("InternalIP", "10.245.1.2"), ("ExternalIP", "10.245.9.7"), ("Hostname", "10.9.9.9"),
@@ -204,11 +211,9 @@ def test_node_object_addresses_carry_node_ports_too(cluster):
 
 
 def test_load_balancer_and_external_ips(cluster):
-    body_status = {"loadBalancer": {"ingress": [{"ip": "172.16.0.10"}]}}
     cluster.service(type="LoadBalancer", externalIPs=["172.16.1.1"], allocateLoadBalancerNodePorts=False,
-                    ports=[{"port": 443, "targetPort": 8443}])
-    res = cluster.store.get(("Service", "shop", "web"))
-    cluster.store.upsert(Resource(res.kind, res.namespace, res.name, {}, {**res.body, "status": body_status}, res.source))
+                    ports=[{"port": 443, "targetPort": 8443}],
+                    status={"loadBalancer": {"ingress": [{"ip": "172.16.0.10"}]}})
     cluster.endpoints(["10.244.1.5"], port=8443, port_name="")
     cluster.sync()
     assert cluster.frontends() == [("10.96.0.10", 443, TCP, 0), ("172.16.0.10", 443, TCP, 0),
@@ -410,17 +415,28 @@ def test_endpoint_slice_for_unknown_service_is_kept_and_used_later(cluster):
     assert cluster.manager.problems() == {"rejected": [], "warnings": []}
 
 
-def test_bad_endpoint_slice_is_reported(cluster):
+def test_bad_endpoint_slice_is_reported_and_its_valid_version_serves_on(cluster, tmp_path):
+    # A slice that does not parse never reaches the manager: the source reports it, and
+    # the store keeps (and the manager serves) the last valid version.
     cluster.service()
-    cluster.endpoints(["10.244.1.5"])
+    slice_doc = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "web-abc", "namespace": "shop",
+                              "labels": {"kubernetes.io/service-name": "web"}},
+                 "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.5"]}],
+                 "ports": [{"name": "http", "port": 8080}]}
+    (tmp_path / "eps.yaml").write_text(yaml.safe_dump(slice_doc))
+    source = ManifestsSource(str(tmp_path), cluster.store)
+    source.sync_once()
     cluster.sync()
-    bad = cluster.store.get(("EndpointSlice", "shop", "web-abc"))
-    body = dict(bad.body, endpoints=[{"addresses": ["not-an-ip"]}])
-    cluster.store.upsert(Resource(bad.kind, bad.namespace, bad.name, bad.labels, body, bad.source))
+    assert cluster.backend_addrs("10.96.0.10", 80) == ["10.244.1.5"]
+    slice_doc["endpoints"] = [{"addresses": ["not-an-ip"]}]
+    (tmp_path / "eps.yaml").write_text(yaml.safe_dump(slice_doc))
+    source.sync_once()
     cluster.sync()
-    [err] = cluster.rejected()
-    assert (err["object"], err["field"]) == ("EndpointSlice shop/web-abc", "endpoints[0].addresses[0]")
-    assert cluster.entry("10.96.0.10", 80).backend_ids == []
+    [err] = source.errors
+    assert (err.obj, err.field) == ("EndpointSlice shop/web-abc", "endpoints[0].addresses[0]")
+    assert "previous valid version stays in effect" in err.message
+    assert cluster.backend_addrs("10.96.0.10", 80) == ["10.244.1.5"]
 
 
 # -- traffic policies, affinity, terminating -----------------------------------------------
@@ -588,10 +604,12 @@ def test_pod_status_readiness_and_terminating():
     c = Cluster()
     c.service(selector={"app": "web"}, ports=[{"port": 80, "targetPort": 8080}])
     for name, ready, deleting in (("a", "True", False), ("b", "False", False), ("c", "True", True)):
-        body = {"metadata": {"name": name, "namespace": "shop", **({"deletionTimestamp": "now"} if deleting else {})},
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": name, "namespace": "shop", "labels": {"app": "web"},
+                    **({"deletionTimestamp": "now"} if deleting else {})},
                 "spec": {"nodeName": "n2", "containers": [{"name": "c"}]},
                 "status": {"podIP": f"10.244.9.{ord(name)}", "conditions": [{"type": "Ready", "status": ready}]}}
-        c.store.upsert(Resource("Pod", "shop", name, {"app": "web"}, body, "p.yaml"))
+        c.store.upsert(parse_object(body, "p.yaml"))
     c.sync()
     states = {str(b.address): (b.state, b.local) for b in c.writer.backends.values()}
     assert states == {"10.244.9.97": (BE_STATE_ACTIVE, False), "10.244.9.99": (BE_STATE_TERMINATING, False)}

@@ -1,43 +1,47 @@
-"""Service, EndpointSlice and hostPort parsing: what is served, and errors that name the
-object and the field."""
+"""Service, EndpointSlice and hostPort parsing (the objects' parsers) and what of them this
+node serves (services.parse): what is served, and errors that name the object and the
+field."""
 
 from __future__ import annotations
 
 import pytest
 
-from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.errors import InvalidObject, ValidationError
+from cilium_py.agent.objects import parse_endpoint_slice, parse_pod
+from cilium_py.agent.objects import parse_service as parse_service_object
+from cilium_py.agent.objects.service import DEFAULT_AFFINITY_TIMEOUT
 from cilium_py.agent.services.config import ServiceConfig, parse_node_port_range
-from cilium_py.agent.services.parse import (
-    DEFAULT_AFFINITY_TIMEOUT,
-    ServiceValidationError,
-    parse_endpoint_slice,
-    parse_service,
-    pod_host_ports,
-)
+from cilium_py.agent.services.parse import ServiceValidationError, check_service, host_ports, slice_warnings
 from cilium_py.agent.sources.manifests import parse_documents
-from cilium_py.agent.store import Resource
 from cilium_py.datapath.maps.lb import ALGORITHM_DEFAULT, ALGORITHM_MAGLEV, ALGORITHM_RANDOM
 
 CONFIG = ServiceConfig(node="n1", node_ips=("10.245.1.1",))
 
 
-def svc(spec: dict, name="web", ns="shop", annotations=None, status=None) -> Resource:
+def svc(spec: dict, name="web", ns="shop", annotations=None, status=None) -> dict:
     body = {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": ns, **({"annotations": annotations} if annotations else {})},
             "spec": spec}
     if status is not None:
         body["status"] = status
-    return Resource("Service", ns, name, {}, body, "svc.yaml")
+    return body
 
 
-def errors_of(res: Resource) -> list[ValidationError]:
-    with pytest.raises(ServiceValidationError) as e:
-        parse_service(res, CONFIG)
+def parse_service(doc: dict, config: ServiceConfig):
+    """What the service manager gets to serve: the parsed object, checked against the node."""
+    service = parse_service_object(doc, "svc.yaml")
+    return service, check_service(service, config)
+
+
+def errors_of(doc: dict, config: ServiceConfig = CONFIG) -> list[ValidationError]:
+    """The errors of the first stage that rejects the Service: the parser or the node."""
+    with pytest.raises(InvalidObject) as e:
+        parse_service(doc, config)
     return e.value.errors
 
 
-def one_error(res: Resource) -> ValidationError:
-    errs = errors_of(res)
+def one_error(doc: dict) -> ValidationError:
+    errs = errors_of(doc)
     assert len(errs) == 1, errs
     return errs[0]
 
@@ -135,10 +139,17 @@ def test_bad_annotation():
 
 
 def test_all_errors_reported_at_once():
-    errs = errors_of(svc({"type": "NodePort", "externalIPs": ["x"],
-                          "ports": [{"name": "a", "port": 80, "protocol": "SCTP"},
-                                    {"name": "b", "port": 81, "nodePort": 5}]}))
-    assert [e.field for e in errs] == ["spec.ports[0].protocol", "spec.ports[1].nodePort", "spec.externalIPs[0]"]
+    errs = errors_of(svc({"type": "NodePort", "externalIPs": ["x"], "sessionAffinity": "Cookie",
+                          "ports": [{"name": "a", "port": 80, "protocol": "ICMP"},
+                                    {"name": "b", "port": 81, "nodePort": 70000}]}))
+    assert [e.field for e in errs] == ["spec.ports[0].protocol", "spec.ports[1].nodePort", "spec.externalIPs[0]",
+                                       "spec.sessionAffinity"]
+    # What the parser accepts and this node cannot serve is reported all at once, too.
+    with pytest.raises(ServiceValidationError) as e:
+        parse_service(svc({"type": "NodePort", "ports": [{"name": "a", "port": 80, "protocol": "SCTP"},
+                                                         {"name": "b", "port": 81, "nodePort": 5}]}), CONFIG)
+    assert [err.field for err in e.value.errors] == ["spec.ports[0].protocol", "spec.ports[1].nodePort"]
+    assert e.value.errors[0].obj == "Service shop/web" and e.value.errors[0].source == "svc.yaml"
 
 
 def test_node_port_range_flag():
@@ -172,30 +183,29 @@ ports: [{port: 8080}]
     resources, errors = parse_documents(text, "m.yaml")
     assert errors == []
     service, endpoint_slice = resources
-    assert service.body["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80}]
+    [port] = service.ports
+    assert (port.port, port.protocol, port.target_port) == (80, 6, 80)
     assert endpoint_slice.kind == "EndpointSlice" and endpoint_slice.labels == {"kubernetes.io/service-name": "web"}
-    spec, _ = parse_endpoint_slice(endpoint_slice)
-    assert spec.service_key == ("shop", "web") and spec.ports[0].protocol == 6
+    assert endpoint_slice.service_key == ("shop", "web") and endpoint_slice.ports[0].protocol == 6
 
 
 # -- EndpointSlices ------------------------------------------------------------------------
 
-def eslice(endpoints, ports=None, labels=None, address_type="IPv4", name="web-abc") -> Resource:
+def eslice(endpoints, ports=None, labels=None, address_type="IPv4", name="web-abc") -> dict:
     labels = {"kubernetes.io/service-name": "web"} if labels is None else labels
-    body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": name, "namespace": "shop", "labels": labels},
             "addressType": address_type, "endpoints": endpoints,
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}] if ports is None else ports}
-    return Resource("EndpointSlice", "shop", name, labels, body, "eps.yaml")
 
 
 def test_endpoint_slice_conditions_and_ports():
-    spec, warnings = parse_endpoint_slice(eslice([
+    spec = parse_endpoint_slice(eslice([
         {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "n1"},
         {"addresses": ["10.244.1.6", "10.244.1.60"]},                        # unknown: ready
         {"addresses": ["10.244.1.7"], "conditions": {"ready": False, "serving": True, "terminating": True}},
-        {"addresses": ["10.244.1.8"], "conditions": {"ready": False}}]))
-    assert warnings == []
+        {"addresses": ["10.244.1.8"], "conditions": {"ready": False}}]), "eps.yaml")
+    assert slice_warnings(spec) == []
     assert [(e.address, e.ready, e.serving, e.terminating, e.node_name) for e in spec.endpoints] == [
         ("10.244.1.5", True, True, False, "n1"), ("10.244.1.6", True, True, False, None),
         ("10.244.1.7", False, True, True, None), ("10.244.1.8", False, False, False, None)]
@@ -203,10 +213,10 @@ def test_endpoint_slice_conditions_and_ports():
 
 
 def test_endpoint_slice_errors():
-    with pytest.raises(ServiceValidationError) as e:
+    with pytest.raises(InvalidObject) as e:
         parse_endpoint_slice(eslice([{"addresses": ["10.244.1.500"]}, {"addresses": []},
                                      {"addresses": ["10.244.1.5"], "conditions": {"ready": "yes"}}],
-                                    ports=[{"port": 0}], labels={}))
+                                    ports=[{"port": 0}], labels={}), "eps.yaml")
     fields = [err.field for err in e.value.errors]
     assert fields == ["metadata.labels[kubernetes.io/service-name]", "ports[0].port", "endpoints[0].addresses[0]",
                       "endpoints[1].addresses", "endpoints[2].conditions.ready"]
@@ -214,27 +224,30 @@ def test_endpoint_slice_errors():
 
 
 def test_ipv6_slices_are_ignored_with_a_warning():
-    spec, warnings = parse_endpoint_slice(eslice([{"addresses": ["fd00::5"]}], address_type="IPv6"))
-    assert spec.endpoints == () and "IPv4 only" in warnings[0].message
+    spec = parse_endpoint_slice(eslice([{"addresses": ["fd00::5"]}], address_type="IPv6"), "eps.yaml")
+    [warning] = slice_warnings(spec)
+    assert spec.endpoints == () and "IPv4 only" in warning.message
+    assert (warning.obj, warning.field) == ("EndpointSlice shop/web-abc", "addressType")
 
 
 # -- hostPorts -----------------------------------------------------------------------------
 
-def pod(ports, name="p") -> Resource:
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"containers": [{"name": "c", "ports": ports}]}}
-    return Resource("Pod", "shop", name, {}, body, "pod.yaml")
+def pod(ports, name="p"):
+    return parse_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
+                      "spec": {"containers": [{"name": "c", "ports": ports}]}}, "pod.yaml")
 
 
 def test_host_ports():
-    ports, errors, warnings = pod_host_ports(pod([
+    ports, errors, warnings = host_ports(pod([
         {"containerPort": 80, "hostPort": 8080},
         {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "10.245.1.1"},
         {"containerPort": 81, "hostPort": 30080},                      # inside the NodePort range
         {"containerPort": 82, "hostPort": 9000, "protocol": "SCTP"},
-        {"containerPort": 83}]), CONFIG)
+        {"containerPort": 83},
+        {"containerPort": 84, "hostPort": 9001, "hostIP": "fd00::1"},    # no IPv6 traffic reaches it
+        {"containerPort": 85, "hostPort": 9002, "hostIP": "0.0.0.0"}]), CONFIG)
     assert [(p.host_port, p.container_port, p.protocol, p.host_ip) for p in ports] == [
-        (8080, 80, 6, None), (5353, 53, 17, "10.245.1.1")]
+        (8080, 80, 6, None), (5353, 53, 17, "10.245.1.1"), (9002, 85, 6, None)]
     assert [w.field for w in warnings] == ["spec.containers[0].ports[2].hostPort"]
     assert "inside the NodePort range" in warnings[0].message and "ignored" in warnings[0].message
     assert [e.field for e in errors] == ["spec.containers[0].ports[3].protocol"]

@@ -8,7 +8,8 @@ import pytest
 from cilium_py.agent.services.allocators import ClusterIPAllocator, NodePortAllocator
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import BackendRef
-from cilium_py.agent.services.parse import HostPort, ServicePort, ServiceSpec, ServiceValidationError
+from cilium_py.agent.objects import Service, ServicePort
+from cilium_py.agent.services.parse import HostPort, ServiceValidationError
 from cilium_py.agent.services.plan import WILDCARD, OwnerPlan, claim_text, describe, plan_host_ports, plan_service
 from cilium_py.datapath.maps import lb
 
@@ -19,16 +20,17 @@ TCP, UDP = 6, 17
 CONFIG = ServiceConfig(node="n1", node_ips=(NODE_IP,))
 
 
-def spec(type="ClusterIP", cluster_ip="10.96.0.10", ports=None, headless=False, **fields) -> ServiceSpec:
+def spec(type="ClusterIP", cluster_ip="10.96.0.10", ports=None, headless=False, **fields) -> Service:
     ports = ports or (ServicePort("http", 80, TCP, 8080, 0, 0),)
-    return ServiceSpec("shop", "web", "svc.yaml", type, cluster_ip, headless, tuple(ports), **fields)
+    return Service(namespace="shop", name="web", source="svc.yaml", type=type, cluster_ip=cluster_ip,
+                   headless=headless, ports=tuple(ports), **fields)
 
 
 def backend(address, local=False, state=lb.BE_STATE_ACTIVE) -> BackendRef:
     return BackendRef((address, 8080, TCP), state, local)
 
 
-def plan(s: ServiceSpec, backends=None, old=None, claims=None) -> OwnerPlan:
+def plan(s: Service, backends=None, old=None, claims=None) -> OwnerPlan:
     claims = {} if claims is None else claims
     return plan_service(WEB, s, backends or {}, CONFIG, [NODE_IP], ClusterIPAllocator(CONFIG.service_cidr, claims),
                         NodePortAllocator(CONFIG.node_port_range, claims), old)

@@ -2,11 +2,18 @@ import threading
 
 import pytest
 
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.objects import ContainerPort, Labels, Namespace, Node, Pod
+from cilium_py.agent.store import Store
 
 
 def pod(name, version=0, ns="default", source="a.yaml"):
-    return Resource("Pod", ns, name, {"app": name}, {"v": version}, source)
+    # The version rides in a container port, so versions differ the way real changes do.
+    return Pod(namespace=ns, name=name, labels=Labels({"app": name}), source=source,
+               ports=(ContainerPort("", version + 1, 6),))
+
+
+def version(obj):
+    return obj.ports[0].port - 1
 
 
 @pytest.fixture
@@ -27,26 +34,36 @@ def keys_on_different_workers(store):
 
 def test_resource_key_and_description():
     assert pod("web", ns="prod").key == ("Pod", "prod", "web")
-    assert Resource("Namespace", None, "prod").key == ("Namespace", "", "prod")
+    assert Namespace(namespace=None, name="prod").key == ("Namespace", "", "prod")
     assert pod("web", ns="prod").describe() == "Pod prod/web"
-    assert Resource("Node", None, "n1").describe() == "Node n1"
+    assert Node(namespace=None, name="n1").describe() == "Node n1"
+
+
+def test_objects_are_immutable_and_hashable():
+    web = pod("web")
+    with pytest.raises(AttributeError):
+        web.name = "other"
+    with pytest.raises(TypeError):
+        web.labels["app"] = "other"
+    assert hash(web) == hash(pod("web")) and web == pod("web")
+    assert {web, pod("web"), pod("web", 1)} == {pod("web"), pod("web", 1)}
 
 
 def test_upsert_get_list_delete(store):
     events = []
     def record(ev, old, new):
         if (old or new).kind == "Pod":
-            events.append((ev, old and old.body["v"], new and new.body["v"]))
+            events.append((ev, old and version(old), new and version(new)))
 
     store.subscribe(record)
     assert store.upsert(pod("a", 1))
     assert not store.upsert(pod("a", 1)), "an equal object is not a change"
     assert store.upsert(pod("a", 2))
-    store.upsert(Resource("Namespace", None, "default"))
-    assert store.get(("Pod", "default", "a")).body == {"v": 2}
+    store.upsert(Namespace(namespace=None, name="default"))
+    assert version(store.get(("Pod", "default", "a"))) == 2
     assert [r.name for r in store.list("Pod")] == ["a"]
     assert len(store.list()) == 2
-    assert store.delete(("Pod", "default", "a")).body == {"v": 2}
+    assert version(store.delete(("Pod", "default", "a"))) == 2
     assert store.delete(("Pod", "default", "a")) is None
     assert store.wait_idle(5)
     assert store.callback_errors == 0
@@ -55,7 +72,7 @@ def test_upsert_get_list_delete(store):
 
 def test_changes_to_one_key_arrive_in_order(store):
     seen = []
-    store.subscribe(lambda ev, old, new: seen.append(new.body["v"]))
+    store.subscribe(lambda ev, old, new: seen.append(version(new)))
     for v in range(500):
         store.upsert(pod("web", v))
     assert store.wait_idle(10)
@@ -139,7 +156,7 @@ def test_unsubscribe(store):
 def test_handler_may_write_the_store(store):
     def handler(ev, old, new):
         if new and new.kind == "Pod":
-            store.upsert(Resource("Namespace", None, new.namespace))
+            store.upsert(Namespace(namespace=None, name=new.namespace))
 
     store.subscribe(handler)
     store.upsert(pod("a", ns="prod"))

@@ -24,7 +24,8 @@ import zlib
 from collections.abc import Hashable, Mapping
 
 from cilium_py.agent.errors import ValidationError
-from cilium_py.agent.services.parse import ServicePort, ServiceSpec, ServiceValidationError
+from cilium_py.agent.objects import Service, ServicePort
+from cilium_py.agent.services.parse import ServiceValidationError
 from cilium_py.agent.services.plan import Owner, describe
 
 SERVICE_ID_RANGE = (1, 0xFFFF)
@@ -121,7 +122,7 @@ class NodePortAllocator:
         self.low, self.high = node_port_range
         self._claims = claims
 
-    def allocate(self, owner: Owner, spec: ServiceSpec, port: ServicePort, previous: int | None,
+    def allocate(self, owner: Owner, spec: Service, port: ServicePort, previous: int | None,
                  taken: set[int]) -> int:
         lo, hi = self.low, self.high
         if previous and lo <= previous <= hi and previous not in taken and \

@@ -10,11 +10,9 @@ not a backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
-from cilium_py.agent.services.parse import PROTOCOLS, ServiceSpec, SliceSpec
-from cilium_py.agent.store import Resource
+from cilium_py.agent.objects import EndpointSlice, Pod, Service
 from cilium_py.datapath.maps.lb import BE_STATE_ACTIVE, BE_STATE_TERMINATING
 
 BackendKey = tuple[str, int, int]   # (address, port, protocol)
@@ -79,55 +77,6 @@ class ControlPlanePods(PodAddresses):
         return ip in ips
 
 
-@dataclass(frozen=True)
-class PodInfo:
-    namespace: str
-    name: str
-    labels: tuple[tuple[str, str], ...]
-    ports: tuple[tuple[str, int, int], ...]   # (name, protocol, containerPort)
-    node_name: str | None
-    status_ip: str | None
-    status_ready: bool | None                 # None: the pod has no status (lab)
-    terminating: bool
-
-    @classmethod
-    def from_resource(cls, res: Resource) -> "PodInfo":
-        body = res.body or {}
-        spec = body.get("spec") or {}
-        ports = []
-        for container in spec.get("containers") or []:
-            for port in (container.get("ports") or []) if isinstance(container, dict) else []:
-                if isinstance(port, dict) and isinstance(port.get("containerPort"), int):
-                    proto = PROTOCOLS.get(port.get("protocol") or "TCP", 0)
-                    ports.append((port.get("name") or "", proto, port["containerPort"]))
-        status = body.get("status")
-        ready = None
-        ip = None
-        if isinstance(status, dict):
-            ip = status.get("podIP") or None
-            for cond in status.get("conditions") or []:
-                if isinstance(cond, dict) and cond.get("type") == "Ready":
-                    ready = cond.get("status") == "True"
-            if ready is None:
-                ready = status.get("phase") == "Running"
-        meta = body.get("metadata") or {}
-        return cls(res.namespace or "default", res.name, tuple(sorted((res.labels or {}).items())),
-                   tuple(ports), spec.get("nodeName"), ip, ready,
-                   bool(meta.get("deletionTimestamp")))
-
-    def matches(self, selector: tuple[tuple[str, str], ...]) -> bool:
-        labels = dict(self.labels)
-        return all(labels.get(k) == v for k, v in selector)
-
-    def container_port(self, target: int | str, protocol: int) -> int | None:
-        if isinstance(target, int):
-            return target
-        for name, proto, port in self.ports:
-            if name == target and proto == protocol:
-                return port
-        return None
-
-
 def _merge(found: dict[BackendKey, BackendRef], ref: BackendRef) -> None:
     # The same backend twice (two slices, two addresses of one pod): the more usable wins.
     old = found.get(ref.key)
@@ -135,7 +84,7 @@ def _merge(found: dict[BackendKey, BackendRef], ref: BackendRef) -> None:
         found[ref.key] = ref
 
 
-def from_slices(spec: ServiceSpec, slices, node: str, pods: PodAddresses) -> dict[int, list[BackendRef]]:
+def from_slices(spec: Service, slices: list[EndpointSlice], node: str, pods: PodAddresses) -> dict[int, list[BackendRef]]:
     """Backends per Service port (by index), matched to slice ports by name and protocol."""
     out: dict[int, list[BackendRef]] = {}
     is_local = pods.is_local
@@ -164,18 +113,18 @@ def from_slices(spec: ServiceSpec, slices, node: str, pods: PodAddresses) -> dic
     return out
 
 
-def from_pods(spec: ServiceSpec, candidates, node: str, pods: PodAddresses) -> dict[int, list[BackendRef]]:
+def from_pods(spec: Service, candidates: list[Pod], node: str, pods: PodAddresses) -> dict[int, list[BackendRef]]:
     """What the endpointslice controller would publish for `spec`, from the pods of its
-    namespace (`candidates`: PodInfo)."""
+    namespace."""
     out: dict[int, list[BackendRef]] = {sp.index: [] for sp in spec.ports}
     selected = []
     for pod in candidates:
         if not pod.matches(spec.selector):
             continue
-        ip = pod.status_ip or pods.pod_ip(pod.namespace, pod.name)
+        ip = pod.ip or pods.pod_ip(pod.namespace, pod.name)
         if ip is None:
             continue
-        ready = pod.status_ready if pod.status_ready is not None else True
+        ready = pod.ready if pod.ready is not None else True
         if pod.terminating:
             state = BE_STATE_TERMINATING
         elif ready:
@@ -194,5 +143,5 @@ def from_pods(spec: ServiceSpec, candidates, node: str, pods: PodAddresses) -> d
     return out
 
 
-__all__ = ["BackendKey", "BackendRef", "ControlPlanePods", "PodAddresses", "PodInfo",
-           "SliceSpec", "from_pods", "from_slices"]
+__all__ = ["BackendKey", "BackendRef", "ControlPlanePods", "PodAddresses", "from_pods", "from_slices"]
+

@@ -23,29 +23,26 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import logging
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
 from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.objects import SERVICE_NAME_LABEL, EndpointSlice, Pod, Resource, Service
 from cilium_py.agent.reconcile import Dirty, Reconciler
 from cilium_py.agent.services import endpoints as eps
 from cilium_py.agent.services.addr import ipv4_int
 from cilium_py.agent.services.allocators import ClusterIPAllocator, IDExhausted, NodePortAllocator
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.diff import RealizedBooks, diff
-from cilium_py.agent.services.endpoints import BackendKey, BackendRef, PodAddresses, PodInfo
+from cilium_py.agent.services.endpoints import BackendKey, BackendRef, PodAddresses
 from cilium_py.agent.services.parse import (
-    SERVICE_NAME_LABEL,
     HostPort,
-    ServiceSpec,
     ServiceValidationError,
-    SliceSpec,
-    parse_endpoint_slice,
-    parse_service,
-    pod_host_ports,
+    check_service,
+    host_ports,
+    slice_warnings,
 )
 from cilium_py.agent.services.plan import (
     HOSTPORT,
@@ -62,7 +59,7 @@ from cilium_py.agent.services.plan import (
 )
 from cilium_py.agent.services.restore import restore
 from cilium_py.agent.services.writer import LBChanges, LBWriter
-from cilium_py.agent.store import Resource, Store
+from cilium_py.agent.store import Store
 from cilium_py.datapath.maps.lb import ALGORITHMS, BACKEND_STATES, flag_names
 from cilium_py.datapath.reasons import protocol_name
 
@@ -74,12 +71,10 @@ ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 OWNERS, SLICES, PODS, NODE = "owners", "slices", "pods", "node"
 
 
-class ParsedPod(NamedTuple):
-    info: PodInfo
+class CheckedPod(NamedTuple):
     host_ports: list[HostPort]
-    errors: list[ValidationError]      # invalid hostPorts (the valid ones are served)
+    errors: list[ValidationError]      # hostPorts this node cannot serve (the others are served)
     warnings: list[ValidationError]
-    created: str
 
 
 def _numeric(ref: BackendRef):
@@ -121,11 +116,11 @@ class ServiceManager:
         self._plans: dict[Owner, OwnerPlan] = {}
         self._claims: dict[tuple, Owner] = {}
         self._backend_refs: dict[BackendKey, dict[Owner, tuple[int, bool]]] = {}
-        self._specs: dict[tuple[str, str], ServiceSpec] = {}      # applied Service specs
-        self._parsed: dict[tuple, tuple[Resource, object]] = {}   # parse cache by object version
-        self._slices: dict[tuple[str, str], SliceSpec] = {}       # (ns, name) -> slice
+        self._specs: dict[tuple[str, str], Service] = {}          # applied Services
+        self._checked: dict[tuple, tuple[Resource, object]] = {}  # _check's cache by object version
+        self._slices: dict[tuple[str, str], EndpointSlice] = {}   # (ns, name) -> slice
         self._slices_by_service: dict[tuple[str, str], set[tuple[str, str]]] = {}
-        self._pods: dict[str, dict[str, PodInfo]] = {}            # namespace -> name -> info
+        self._pods: dict[str, dict[str, Pod]] = {}                # namespace -> name -> pod
         self._selector_services: dict[str, set[Owner]] = {}       # namespace -> Services with selectors
         self._entry_count = 0
         self._cluster_ips = ClusterIPAllocator(config.service_cidr, self._claims)
@@ -280,49 +275,30 @@ class ServiceManager:
 
     # -- reading objects ----------------------------------------------------------------
 
-    def _parse(self, res: Resource):
-        """The one place store objects are read, through parse.py and endpoints.py, and
-        cached per object version:
-        Service -> (ServiceSpec, warnings); EndpointSlice -> (SliceSpec, warnings), both
-        raising ServiceValidationError for bad input; Pod -> ParsedPod; Node -> its IPv4
-        addresses."""
-        cached = self._parsed.get(res.key)
-        if cached is not None and cached[0] is res:
+    def _check(self, obj: Resource):
+        """The one place the store's (already parsed, valid) objects are checked against
+        this node's datapath and flags (parse.py), cached per object version:
+        Service -> warnings, raising ServiceValidationError for what this node cannot
+        serve; EndpointSlice -> warnings; Pod -> CheckedPod."""
+        cached = self._checked.get(obj.key)
+        if cached is not None and cached[0] is obj:
             return cached[1]
-        if res.kind == "Service":
-            parsed = parse_service(res, self.config)
-        elif res.kind == SLICE:
-            parsed = parse_endpoint_slice(res)
-        elif res.kind == "Pod":
-            meta = res.body.get("metadata") or {}
-            parsed = ParsedPod(PodInfo.from_resource(res), *pod_host_ports(res, self.config),
-                               str(meta.get("creationTimestamp") or ""))
-        elif res.kind == "Node":
-            parsed = []
-            for addr in ((res.body.get("status") or {}).get("addresses") or []):
-                if isinstance(addr, dict) and addr.get("type") in ("InternalIP", "ExternalIP"):
-                    try:
-                        parsed.append(str(ipaddress.IPv4Address(addr.get("address"))))
-                    except ValueError:
-                        continue
+        if isinstance(obj, Service):
+            checked = check_service(obj, self.config)
+        elif isinstance(obj, EndpointSlice):
+            checked = slice_warnings(obj)
+        elif isinstance(obj, Pod):
+            checked = CheckedPod(*host_ports(obj, self.config))
         else:
-            raise ValueError(f"the service manager reads no {res.kind} objects")
-        self._parsed[res.key] = (res, parsed)
-        return parsed
-
-    def _created(self, res: Resource) -> str:
-        if res.kind == "Pod":
-            return self._parse(res).created
-        try:
-            return self._parse(res)[0].created
-        except ServiceValidationError:
-            return ""
+            raise ValueError(f"the service manager checks no {obj.kind} objects")
+        self._checked[obj.key] = (obj, checked)
+        return checked
 
     def _node_ips(self) -> list[str]:
         ips = list(self.config.node_ips)
         node = self.store.get(("Node", "", self.config.node))
         if node is not None:
-            ips.extend(ip for ip in self._parse(node) if ip not in ips)
+            ips.extend(ip for ip in node.ipv4_addresses() if ip not in ips)
         return ips
 
     # -- what changed -------------------------------------------------------------------
@@ -337,19 +313,11 @@ class ServiceManager:
                 dirty.add((SERVICE,) + old.service_key)
             self._errors.pop((SLICE,) + key, None)
             self._warnings.pop((SLICE,) + key, None)
-            res = self.store.get((SLICE, key[0], key[1]))
-            if res is None:
-                self._parsed.pop((SLICE,) + key, None)
+            spec = self.store.get((SLICE, key[0], key[1]))
+            if spec is None:
+                self._checked.pop((SLICE,) + key, None)
                 continue
-            try:
-                spec, warnings = self._parse(res)
-            except ServiceValidationError as e:
-                self._errors[(SLICE,) + key] = e.errors
-                service = (res.labels or {}).get(SERVICE_NAME_LABEL)
-                if service:
-                    # Its endpoints are gone from the service until the slice is fixed.
-                    dirty.add((SERVICE, key[0], service))
-                continue
+            warnings = self._check(spec)
             if warnings:
                 self._warnings[(SLICE,) + key] = warnings
             self._slices[key] = spec
@@ -360,9 +328,9 @@ class ServiceManager:
             known = self._pods.setdefault(ns, {})
             if res is None:
                 known.pop(name, None)
-                self._parsed.pop(("Pod", ns, name), None)
+                self._checked.pop(("Pod", ns, name), None)
             else:
-                known[name] = self._parse(res).info
+                known[name] = res
             dirty.add((HOSTPORT, ns, name))
             if self.config.derive_endpoint_slices:
                 dirty |= self._selector_services.get(ns, set())
@@ -381,7 +349,7 @@ class ServiceManager:
         else:
             res = self.store.get(("Service" if owner[0] == SERVICE else "Pod", owner[1], owner[2]))
             if res is not None:
-                created = self._created(res)
+                created = res.created
         return (owner[0] != SERVICE, created == "", created, owner)
 
     # -- planning and claims ------------------------------------------------------------
@@ -451,12 +419,11 @@ class ServiceManager:
 
     def _plan(self, owner: Owner, old: OwnerPlan | None) -> OwnerPlan | None:
         if owner[0] == SERVICE:
-            res = self.store.get(("Service", owner[1], owner[2]))
-            if res is None:
+            spec = self.store.get(("Service", owner[1], owner[2]))
+            if spec is None:
                 self._forget_spec(owner)
                 return None
-            spec, warnings = self._parse(res)  # raises for bad input
-            self._warnings[owner] = warnings
+            self._warnings[owner] = self._check(spec)  # raises for what this node cannot serve
             plan = plan_service(owner, spec, self._backends_of(spec), self.config, self._node_ips(),
                                 self._cluster_ips, self._node_ports, old)
             self._specs[owner[1:]] = spec
@@ -474,11 +441,11 @@ class ServiceManager:
 
     def _forget_spec(self, owner: Owner) -> None:
         self._specs.pop(owner[1:], None)
-        self._parsed.pop(("Service",) + owner[1:], None)
+        self._checked.pop(("Service",) + owner[1:], None)
         self._selector_services.get(owner[1], set()).discard(owner)
 
-    def _backends_of(self, spec: ServiceSpec) -> dict[int, list[BackendRef]]:
-        slice_keys = self._slices_by_service.get(spec.key)
+    def _backends_of(self, spec: Service) -> dict[int, list[BackendRef]]:
+        slice_keys = self._slices_by_service.get(spec.service_key)
         if slice_keys:
             return eps.from_slices(spec, [self._slices[k] for k in sorted(slice_keys)],
                                    self.config.node, self.pods)
@@ -487,26 +454,25 @@ class ServiceManager:
             return eps.from_pods(spec, candidates, self.config.node, self.pods)
         return {}
 
-    def _plan_host_ports(self, owner: Owner, res: Resource) -> OwnerPlan:
-        pod = self._parse(res)
+    def _plan_host_ports(self, owner: Owner, pod: Pod) -> OwnerPlan:
+        checked = self._check(pod)
         key = owner[1:]
-        if pod.warnings:
-            self._warnings[owner] = pod.warnings
+        if checked.warnings:
+            self._warnings[owner] = checked.warnings
         else:
             self._warnings.pop(owner, None)
-        if pod.errors:
-            # The valid hostPorts are served; the invalid ones are reported.
-            self._errors[(HOSTPORT + "-fields",) + key] = pod.errors
+        if checked.errors:
+            # The hostPorts this node can serve are served; the others are reported.
+            self._errors[(HOSTPORT + "-fields",) + key] = checked.errors
         else:
             self._errors.pop((HOSTPORT + "-fields",) + key, None)
-        if not pod.host_ports:
+        if not checked.host_ports:
             return OwnerPlan(owner)
-        info = self._pods.get(owner[1], {}).get(owner[2]) or pod.info
-        ip = info.status_ip if info.node_name == self.config.node else None
+        ip = pod.ip if pod.node_name == self.config.node else None
         ip = ip or self.pods.pod_ip(owner[1], owner[2])
-        if ip is None or info.terminating:
+        if ip is None or pod.terminating:
             return OwnerPlan(owner)  # not (yet) a pod of this node: no hostPort here
-        return plan_host_ports(owner, pod.host_ports, ip, self.config, self._node_ips())
+        return plan_host_ports(owner, checked.host_ports, ip, self.config, self._node_ips())
 
     def _swap(self, owner: Owner, old: OwnerPlan | None, new: OwnerPlan | None) -> set[tuple]:
         """Makes `new` the owner's plan; returns the claims it released."""

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from cilium_py.agent.errors import ValidationError
 from cilium_py.agent.services.config import ServiceConfig
 from cilium_py.agent.services.endpoints import BackendKey, BackendRef
-from cilium_py.agent.services.parse import HostPort, ServiceSpec, ServiceValidationError
+from cilium_py.agent.objects import Service
+from cilium_py.agent.services.parse import HostPort, ServiceValidationError
 from cilium_py.datapath.maps import lb
 from cilium_py.datapath.reasons import protocol_name
 
@@ -88,7 +89,7 @@ def claim_text(claim: tuple) -> str:
     return f"frontend {claim[1]}:{claim[2]}/{protocol_name(claim[3])}"
 
 
-def plan_service(owner: Owner, spec: ServiceSpec, backends: dict[int, list[BackendRef]],
+def plan_service(owner: Owner, spec: Service, backends: dict[int, list[BackendRef]],
                  config: ServiceConfig, node_ips: list[str], cluster_ips: ClusterIPAllocator,
                  node_ports: NodePortAllocator, old: OwnerPlan | None) -> OwnerPlan:
     """A Service's frontends: its ClusterIP, NodePorts on every node address (and the

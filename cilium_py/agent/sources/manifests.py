@@ -1,6 +1,6 @@
 """The manifests-directory source: the YAML a user would `kubectl apply`, read from files.
 
-`parse_documents` turns one file's text into validated Resources plus errors that name
+`parse_documents` turns one file's text into typed objects plus errors that name
 the file, the object (or, when the object cannot be named, its document number, counted
 from 1) and the field. An invalid object is never stored; every other object of the same
 file is.
@@ -18,57 +18,28 @@ mistakes, chosen so that a typo never takes down running workloads or their poli
 * Only *.yaml, *.yml and *.json files directly in the directory are read; names starting
   with "." are editor scratch files and are skipped.
 
-Stored bodies get the defaults the API server would fill in for the fields we rely on:
-metadata.namespace for namespaced kinds, the protocol of container and service ports, and
-a service port's targetPort (its port).
+Every document goes through its kind's parser (cilium_py.agent.objects), the same one
+`ciliumpy policy validate` and every other source use; what is stored is the typed object
+it builds, never the document, and the document is not changed.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import json
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 
 import yaml
 
-from cilium_py.agent.errors import ValidationError
+from cilium_py.agent.errors import InvalidObject, ValidationError
+from cilium_py.agent.objects import CLASSES, DEFAULT_NAMESPACE, KIND_ORDER, describe, parse_object
 from cilium_py.agent.store import Key, Resource, Store
 
 log = logging.getLogger(__name__)
 
-# kind -> (apiVersion, namespaced)
-KINDS: dict[str, tuple[str, bool]] = {
-    "Namespace": ("v1", False),
-    "Node": ("v1", False),
-    "CiliumClusterwideNetworkPolicy": ("cilium.io/v2", False),
-    "CiliumNetworkPolicy": ("cilium.io/v2", True),
-    "NetworkPolicy": ("networking.k8s.io/v1", True),
-    "Service": ("v1", True),
-    "EndpointSlice": ("discovery.k8s.io/v1", True),
-    "Pod": ("v1", True),
-}
-# Imported when first needed: the policy engine imports nothing from here, and the
-# source still works (without policy validation) in a tree that lacks it.
-POLICY_API = "cilium_py.agent.policy.api"
-POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
-# Applying in this order lets a controller find a pod's namespace and the policies that
-# select it already stored (the store's workers still run keys in parallel).
-_KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
-PROTOCOLS = ("TCP", "UDP", "SCTP")
-DEFAULT_NAMESPACE = "default"
 SUFFIXES = (".yaml", ".yml", ".json")
-
-_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_LABEL = re.compile(_LABEL)
-_DNS_SUBDOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
-_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_IANA_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 
 class ManifestError(ValidationError):
@@ -86,257 +57,29 @@ class ManifestSyntaxError(ManifestError):
     """The whole file failed to parse; none of its objects could be read."""
 
 
-# -- field checks (each returns an error message or None) ----------------------------
-
-def _dns_label(value, what: str = "name") -> str | None:
-    if not isinstance(value, str) or not value:
-        return f"{what} must be a non-empty string"
-    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
-        return (f"{value!r} is not a valid {what}: at most 63 lowercase letters, digits and '-', "
-                "starting and ending with a letter or digit")
-    return None
-
-
-def _dns_subdomain(value, what: str = "name") -> str | None:
-    if not isinstance(value, str) or not value:
-        return f"{what} must be a non-empty string"
-    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
-        return (f"{value!r} is not a valid {what}: lowercase letters, digits, '-' and '.', "
-                "starting and ending with a letter or digit")
-    return None
-
-
-# Service names become DNS names of their own, so Kubernetes holds them to RFC 1035.
-def _dns1035(value, what: str = "name") -> str | None:
-    if msg := _dns_label(value, what):
-        return msg
-    if not _DNS1035_LABEL.fullmatch(value):
-        return f"{value!r} is not a valid Service name: it must start with a letter"
-    return None
-
-
-def _port_number(value) -> str | None:
-    # bool is an int in Python, but `port: true` is a YAML mistake, not port 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        return f"must be an integer port number, not {value!r}"
-    if not 1 <= value <= 65535:
-        return f"{value} is not in 1-65535"
-    return None
-
-
-def _port_name(value) -> str | None:
-    if not isinstance(value, str) or not value:
-        return "must be a non-empty string"
-    if len(value) > 15:
-        return f"{value!r} is longer than 15 characters"
-    if not _IANA_SVC_NAME.fullmatch(value) or "--" in value:
-        return (f"{value!r} is not a valid port name: lowercase letters, digits and single '-', "
-                "starting and ending with a letter or digit")
-    if not re.search(r"[a-z]", value):
-        return f"{value!r} is not a valid port name: it needs at least one letter"
-    return None
-
-
-def _protocol(port: dict) -> str | None:
-    proto = port.setdefault("protocol", "TCP")
-    if proto not in PROTOCOLS:
-        return f"{proto!r} is not a supported protocol: use TCP, UDP or SCTP"
-    return None
-
-
-def _label_errors(labels, path: str) -> list[tuple[str, str]]:
-    # Identities are keyed by "key=value;..." strings, so only well-formed labels may in.
-    if labels is None:
-        return []
-    if not isinstance(labels, dict):
-        return [(path, "must be a mapping of label keys to string values")]
-    errors = []
-    for key, value in labels.items():
-        where = f"{path}.{key}"
-        if not isinstance(key, str):
-            errors.append((where, "label keys must be strings"))
-            continue
-        prefix, _, name = key.rpartition("/")
-        if prefix and _dns_subdomain(prefix, "label prefix"):
-            errors.append((where, f"{prefix!r} is not a valid label prefix (a DNS subdomain)"))
-        elif len(name) > 63 or not _LABEL_NAME.fullmatch(name):
-            errors.append((where, f"{key!r} is not a valid label key"))
-        elif not isinstance(value, str):
-            errors.append((where, f"label values must be strings; quote {value!r}"))
-        elif value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
-            errors.append((where, f"{value!r} is not a valid label value: at most 63 letters, "
-                                  "digits, '-', '_' and '.', starting and ending with a letter or digit"))
-    return errors
-
-
-def _list_of_mappings(value, path: str, errors: list) -> list[dict]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        errors.append((path, "must be a list"))
-        return []
-    out = []
-    for i, item in enumerate(value):
-        if isinstance(item, dict):
-            out.append(item)
-        else:
-            errors.append((f"{path}[{i}]", "must be a mapping"))
-    return out
-
-
-def _pod_errors(body: dict) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    spec = body.get("spec")
-    if not isinstance(spec, dict):
-        return [("spec", "a Pod needs a spec with containers")]
-    for opt in ("nodeName", "serviceAccountName"):
-        if opt in spec and (msg := _dns_subdomain(spec[opt], opt)):
-            errors.append((f"spec.{opt}", msg))
-    containers = spec.get("containers")
-    if not isinstance(containers, list) or not containers:
-        errors.append(("spec.containers", "a Pod needs at least one container"))
-        return errors
-    # A named port must mean one port: policies resolve names through the pod, and an
-    # ambiguous name would be a policy we cannot enforce as written.
-    named: dict[str, tuple[int, str, str]] = {}
-    for ci, container in enumerate(containers):
-        cpath = f"spec.containers[{ci}]"
-        if not isinstance(container, dict):
-            errors.append((cpath, "must be a mapping"))
-            continue
-        if msg := _dns_label(container.get("name"), "container name"):
-            errors.append((f"{cpath}.name", msg))
-        for pi, port in enumerate(_list_of_mappings(container.get("ports"), f"{cpath}.ports", errors)):
-            ppath = f"{cpath}.ports[{pi}]"
-            if "containerPort" not in port:
-                errors.append((f"{ppath}.containerPort", "is required"))
-            elif msg := _port_number(port["containerPort"]):
-                errors.append((f"{ppath}.containerPort", msg))
-            if msg := _protocol(port):
-                errors.append((f"{ppath}.protocol", msg))
-            if "name" not in port:
-                continue
-            if msg := _port_name(port["name"]):
-                errors.append((f"{ppath}.name", msg))
-                continue
-            this = (port.get("containerPort"), port["protocol"], ppath)
-            first = named.setdefault(port["name"], this)
-            if first is not this and first[:2] != this[:2]:
-                errors.append((f"{ppath}.name", f"port name {port['name']!r} is already used by "
-                                                f"{first[2]} for a different port"))
-    return errors
-
-
-def _service_errors(body: dict) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    spec = body.get("spec")
-    if spec is None:
-        return errors
-    if not isinstance(spec, dict):
-        return [("spec", "must be a mapping")]
-    ports = _list_of_mappings(spec.get("ports"), "spec.ports", errors)
-    for pi, port in enumerate(ports):
-        ppath = f"spec.ports[{pi}]"
-        if "port" not in port:
-            errors.append((f"{ppath}.port", "is required"))
-        elif msg := _port_number(port["port"]):
-            errors.append((f"{ppath}.port", msg))
-        elif "targetPort" not in port:
-            port["targetPort"] = port["port"]  # the API server's default
-        if msg := _protocol(port):
-            errors.append((f"{ppath}.protocol", msg))
-        if "targetPort" in port:
-            target = port["targetPort"]
-            msg = _port_name(target) if isinstance(target, str) else _port_number(target)
-            if msg:
-                errors.append((f"{ppath}.targetPort", msg))
-        if "nodePort" in port and (msg := _port_number(port["nodePort"])):
-            errors.append((f"{ppath}.nodePort", msg))
-        if len(ports) > 1 and (msg := _dns_label(port.get("name"), "port name")):
-            errors.append((f"{ppath}.name", msg + " (required when a Service has several ports)"))
-    return errors
-
-
-_policy_api_missing_logged = False
-
-
-def _policy_errors(kind: str, namespace: str | None, name: str, body: dict) -> list[tuple[str, str]]:
-    global _policy_api_missing_logged
-    try:
-        api = importlib.import_module(POLICY_API)
-    except ModuleNotFoundError as e:
-        if e.name != POLICY_API:
-            raise
-        if not _policy_api_missing_logged:
-            log.warning("policy engine not available; policies are stored without validation")
-            _policy_api_missing_logged = True
-        return []
-    try:
-        # A copy: what we store must be what the user wrote, whatever the parser does.
-        api.parse_policy(kind, namespace, name, copy.deepcopy(body))
-    except api.PolicyError as e:
-        return [(getattr(e, "field", ""), getattr(e, "message", str(e)))]
-    except Exception as e:  # noqa: BLE001 - a parser bug must not stop the source
-        log.exception("policy parser failed on %s %s/%s", kind, namespace, name)
-        return [("", f"internal error while validating the policy: {e}")]
-    return []
-
-
-_CHECKS = {"Pod": _pod_errors, "Service": _service_errors}
-_NAME_CHECKS = {"Namespace": _dns_label, "Service": _dns1035}
-
-
-# -- documents -------------------------------------------------------------------------
-
-def _describe(kind: str, namespace: str | None, name: str) -> str:
-    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
-
-
 def _parse_object(doc, source: str, where: str, document: int) -> tuple[Resource | None, list[ManifestError]]:
-    def fail(field: str, message: str, obj: str = where, key: Key | None = None):
-        return None, [ManifestError(source, obj, field, message, document, key)]
+    try:
+        return parse_object(doc, source, where), []
+    except InvalidObject as e:
+        return None, [ManifestError(err.source, err.obj, err.field, err.message, document, e.key)
+                      for err in e.errors]
+    except Exception as e:  # noqa: BLE001 - a parser bug must not stop the source
+        log.exception("parser failed on %s in %s", where, source)
+        key = _guess_key(doc)
+        obj = describe(*key) if key else where
+        return None, [ManifestError(source, obj, "", f"internal error while validating the object: {e}",
+                                    document, key)]
 
-    if not isinstance(doc, dict):
-        return fail("", f"a manifest must be a mapping, not {type(doc).__name__}")
-    kind = doc.get("kind")
-    if not isinstance(kind, str) or not kind:
-        return fail("kind", "is required")
-    if kind not in KINDS:
-        return fail("kind", f"unknown kind {kind!r}; supported: {', '.join(sorted(KINDS))}",
-                    f"{where} ({kind})")
-    api_version, namespaced = KINDS[kind]
-    meta = doc.get("metadata")
-    if not isinstance(meta, dict):
-        return fail("metadata", "is required (with at least a name)", f"{where} ({kind})")
-    name = meta.get("name")
-    if name is None or name == "":
-        return fail("metadata.name", "is required", f"{where} ({kind})")
-    name_check = _NAME_CHECKS.get(kind, _dns_subdomain)
-    if msg := name_check(name, "name"):
-        return fail("metadata.name", msg, f"{where} ({kind})")
-    namespace = None
-    if namespaced:
-        namespace = meta.get("namespace") or DEFAULT_NAMESPACE
-        if msg := _dns_label(namespace, "namespace"):
-            return fail("metadata.namespace", msg, f"{where} ({kind} {name})")
-    obj = _describe(kind, namespace, name)
-    key: Key = (kind, namespace or "", name)
 
-    errors = []
-    if doc.get("apiVersion") != api_version:
-        errors.append(("apiVersion", f"{kind} is served as {api_version!r}, not {doc.get('apiVersion')!r}"))
-    body = copy.deepcopy(doc)
-    if namespaced:
-        body["metadata"]["namespace"] = namespace
-    errors += _label_errors(meta.get("labels"), "metadata.labels")
-    if kind in _CHECKS:
-        errors += _CHECKS[kind](body)
-    if not errors and kind in POLICY_KINDS:
-        errors += _policy_errors(kind, namespace, name, body)
-    if errors:
-        return None, [ManifestError(source, obj, f, m, document, key) for f, m in errors]
-    labels = dict(meta.get("labels") or {})
-    return Resource(kind, namespace, name, labels, body, source), []
+def _guess_key(doc) -> Key | None:
+    """The store key a document names, for keeping its previous version in effect when
+    its parser failed; None when it names none."""
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind not in CLASSES or not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    namespace = (meta.get("namespace") or DEFAULT_NAMESPACE) if CLASSES[kind].namespaced else ""
+    return (kind, str(namespace), meta["name"])
 
 
 def _syntax_error(source: str, e: Exception) -> ManifestSyntaxError:
@@ -510,7 +253,7 @@ class ManifestsSource:
         final_errors += duplicates
 
         def order(k: Key):
-            return (_KIND_ORDER.get(k[0], len(_KIND_ORDER)), k)
+            return (KIND_ORDER.get(k[0], len(KIND_ORDER)), k)
 
         for key in sorted(set(self._current) - set(desired), key=order, reverse=True):
             self.store.delete(key)
