@@ -176,7 +176,7 @@ def _measure_level(dp, n_endpoints: int, changes: int) -> dict:
                 # Leave the shared maps empty for the next level.
                 cp.manager.policy.clear()
                 cp.manager.endpoints.clear()
-                cp.manager.ipcache.clear()
+                cp.manager.ipcache.map.clear()
             finally:
                 cp.close()
         store.close()

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 from cilium_py.agent.backend import NodeBackend, kernel_backend
 from cilium_py.agent.endpoints import EndpointHandle
-from cilium_py.agent.errors import ValidationError
 from cilium_py.agent.hooks import EndpointHooks
 from cilium_py.agent.identity import IdentityAllocator
 from cilium_py.agent.ipam import IPAM
@@ -107,7 +106,6 @@ class ControlPlane:
                                    budget=config.policy_map_max)
         self.endpoints: dict[str, LocalEndpoint] = {}
         self._by_namespace: dict[str, set[str]] = {}  # namespace -> endpoint keys
-        self.rejected: dict[tuple, ValidationError] = {}
         self.source_errors_fn = lambda: []  # the agent points this at its sources' errors
         # Called with the pod keys whose endpoints a regeneration created, changed or
         # removed (the service manager derives backends and hostPorts from them).
@@ -148,9 +146,7 @@ class ControlPlane:
         resolution (those of the old and of the new version of the policy)."""
         key = res.key
         if event == "delete":
-            self.rejected.pop(key, None)
             return self.repo.delete(key)
-        self.rejected.pop(key, None)
         return self.repo.upsert(key, res.rules)  # parsed by the source: only valid policies get here
 
     # -- regeneration -----------------------------------------------------------------
@@ -199,7 +195,13 @@ class ControlPlane:
         endpoints whose policies name a peer identity that appeared or went away. Everything
         else keeps its map state untouched, so the cost follows the change, not the node."""
         with self._lock:
-            self._regenerate(set(dirty[PODS]), dirty[NAMESPACES], dirty[SELECTORS], revision)
+            try:
+                self._regenerate(set(dirty[PODS]), dirty[NAMESPACES], dirty[SELECTORS], revision)
+            except BaseException:
+                # What this pass learnt on the way (identities that came or went, the CIDR
+                # set) is not in the dirty sets it gives back: the retry resolves everything.
+                self._first_run = True
+                raise
 
     def _regenerate(self, dirty_pods: set, namespaces: set, selectors: set, revision: int) -> None:
         full = self._first_run
@@ -326,7 +328,13 @@ class ControlPlane:
         except BaseException:
             self.identities.release(labels)
             raise
-        self.endpoints[key] = LocalEndpoint(key, handle, labels, identity, named, ports)
+        ep = LocalEndpoint(key, handle, labels, identity, named, ports)
+        # Adopted from an earlier agent: its entries (read back by the writer) are a policy.
+        ep.has_policy = self.writer.entry_count(handle.endpoint_id) > 0
+        current = self.backend.endpoint_map.get(handle.ip)
+        if current is not None:  # created closed, or what the earlier agent left
+            ep.ingress_enforced, ep.egress_enforced = current.ingress_enforced, current.egress_enforced
+        self.endpoints[key] = ep
         self._by_namespace.setdefault(pod.namespace, set()).add(key)
         self.hooks.endpoint_created(key, handle, ports)
 
@@ -401,7 +409,12 @@ class ControlPlane:
         # (Unchanged claims cost a dict lookup: the owner writes only what moves.)
         for prefix in sorted(used):
             self.ipcache.upsert(prefix, self._cidr_identity(prefix), SOURCE_GENERATED)
-        for prefix in [p for p in self._cidr_ids if p not in used]:
+        # A failed endpoint may still hold entries for a prefix no rule names any more: its
+        # identity is kept until every endpoint is realized, so the number is never handed
+        # to another prefix under an old allow.
+        releasable = [p for p in self._cidr_ids if p not in used] if not failed and all(
+            ep.state == READY for ep in self.endpoints.values()) else []
+        for prefix in releasable:
             self.ipcache.remove(prefix, SOURCE_GENERATED)
             self.identities.release_cidr(prefix)
             del self._cidr_ids[prefix]
@@ -472,8 +485,7 @@ class ControlPlane:
             "realized_revision": self.realized_revision(),
             "failed_endpoints": self.failed_endpoints(),
             "policies": [{"kind": k[0], "namespace": k[1], "name": k[2]} for k in self.repo.keys()],
-            "rejected": [e.to_dict() for e in self.rejected.values()]
-                        + [e.to_dict() for e in self.source_errors_fn()],
+            "rejected": [e.to_dict() for e in self.source_errors_fn()],
         }
 
     # -- read-only accessors (the node view Hubble is given: agent/nodeview.py) -------

@@ -62,7 +62,10 @@ class AgentConfig:
     pod_cidr: str = ""              # this node's pod addresses (manifests mode)
     router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
     state_dir: str = ""             # identities, IPAM; survives restarts and reboots
-    lab: bool = False               # lab mode: pods without nodeName are ours; start listeners
+    lab: bool = False               # lab mode: pods without nodeName are ours
+    # What runs beside each endpoint, given the run paths (the lab's listeners, passed in by
+    # `ciliumpy agent --lab`: the agent itself never imports the lab).
+    endpoint_hooks: object = None   # Callable[[RunPaths], EndpointHooks] | None
     hubble: HubbleConfig = field(default_factory=HubbleConfig)
     prometheus_address: str = ""    # where the agent's own metrics are served ("" = off)
     # Socket load balancing (bpf_sock.c): the cgroup v2 directory its hooks attach to ("" =
@@ -161,13 +164,8 @@ class Agent:
         self.source.start()
 
     def _endpoint_hooks(self):
-        """In lab mode each pod gets a listener standing in for its containers; the lab
-        owns that, so it is imported only then."""
-        if not self.config.lab:
-            return None
-        from cilium_py.lab.listeners import LabListeners
-
-        return LabListeners(self.config.paths.listeners)
+        factory = self.config.endpoint_hooks
+        return factory(self.config.paths) if factory is not None else None
 
     def _start_observability(self) -> None:
         """Prometheus metrics and Hubble. The agent's policy-verdict counter and the Hubble

@@ -78,6 +78,13 @@ def _socket_lb_options(cgroup_root: str, bpf_lb_sock: bool | None) -> dict:
     return {"cgroup_root": cgroup_root, "bpf_lb_sock": bpf_lb_sock is not False}
 
 
+def _lab_listeners(paths):
+    """In lab mode each pod gets a listener standing in for its containers."""
+    from cilium_py.lab.listeners import LabListeners
+
+    return LabListeners(paths.listeners)
+
+
 def _lb_options(fn):
     """The services (kube-proxy replacement) options, named like Cilium's."""
     from cilium_py.agent.services.maglev import DEFAULT_SEED, MAGLEV_PRIMES
@@ -200,6 +207,7 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
                          xdp_mode=xdp_mode, run_dir=run_dir, gc_interval=conntrack_gc_interval,
                          node_ips=tuple(node_ips), manifests=manifests, pod_cidr=pod_cidr,
                          router_ip=router_ip, state_dir=state_dir, lab=lab,
+                         endpoint_hooks=_lab_listeners if lab else None,
                          hubble=_hubble_config(enable_hubble, hubble_socket_path or
                                                RunPaths(run_dir, node).hubble_socket,
                                                hubble_listen_address, hubble_event_buffer_capacity,

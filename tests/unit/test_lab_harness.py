@@ -70,7 +70,10 @@ def test_listener_argv_is_the_listener_module():
 
 
 def test_daemon_passes_listener_hooks_in_lab_mode_only(tmp_path):
-    lab = Agent(AgentConfig(datapath=DatapathConfig(node="n1"), run_dir=str(tmp_path), lab=True))
+    from cilium_py.cli.agent import _lab_listeners
+
+    lab = Agent(AgentConfig(datapath=DatapathConfig(node="n1"), run_dir=str(tmp_path), lab=True,
+                            endpoint_hooks=_lab_listeners))
     hooks = lab._endpoint_hooks()
     assert isinstance(hooks, LabListeners) and isinstance(hooks, EndpointHooks)
     assert str(hooks.pid_dir) == RunPaths(str(tmp_path), "n1").listeners

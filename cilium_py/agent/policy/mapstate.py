@@ -185,26 +185,31 @@ class PolicyWriter:
         adds = sum(1 for k in desired if k not in realized)
         capacity = self.capacity()
         total = self.entry_count()
-        remove_first = False
+        # The new entries go in before the stale ones leave (no moment with a deny gone and
+        # its replacement not yet there), so the peak is what must fit.
         if capacity and total + adds > capacity:
-            if total + adds - len(stale) > capacity:
-                raise PolicyRealizeError(
-                    f"policy map full: {total} of {capacity} entries used, this endpoint needs "
-                    f"{adds - len(stale)} more")
-            # Only fits once the stale entries are gone: for the moment between the two
-            # steps the endpoint denies what it no longer needs and not yet gets (closed).
-            remove_first = True
-        removed = self._remove(realized, stale) if remove_first else 0
-        written = self._write(endpoint_id, realized, desired)
-        # Added before removed and only then enforcement switched on, so no packet meets an
-        # enforced direction with a half-written map.
-        self.endpoint_map.set_policy_enforcement(endpoint_ip, ingress=enforce_ingress,
-                                                 egress=enforce_egress)
-        if not remove_first:
+            raise PolicyRealizeError(
+                f"policy map full: {total} of {capacity} entries used, this endpoint needs "
+                f"{adds} more")
+        written, added, changed = self._write(endpoint_id, realized, desired)
+        # Only then enforcement switched on, so no packet meets an enforced direction with a
+        # half-written map.
+        try:
+            self.endpoint_map.set_policy_enforcement(endpoint_ip, ingress=enforce_ingress,
+                                                     egress=enforce_egress)
+        except (OSError, KeyError) as e:
+            undone = self._rollback(realized, added, changed)
+            raise PolicyRealizeError(f"enforcement flags not written: {e}"
+                                     + ("" if undone else "; rollback incomplete")) from e
+        try:
             removed = self._remove(realized, stale)
+        except OSError as e:
+            # The new policy is in force; what could not be removed stays listed in the
+            # realized state, so the retry removes it.
+            raise PolicyRealizeError(f"stale policy entries not removed: {e}") from e
         return written, removed
 
-    def _write(self, endpoint_id: int, realized: dict, desired: dict) -> int:
+    def _write(self, endpoint_id: int, realized: dict, desired: dict) -> tuple[int, list, list]:
         added, changed = [], []
         try:
             for key, entry in desired.items():
@@ -214,25 +219,29 @@ class PolicyWriter:
                     (added if old is None else changed).append((key, old))
                     realized[key] = entry
         except OSError as e:
-            self._rollback(endpoint_id, realized, added, changed)
-            raise PolicyRealizeError(f"policy map update failed: {e}") from e
-        return len(added) + len(changed)
+            undone = self._rollback(realized, added, changed)
+            raise PolicyRealizeError(f"policy map update failed: {e}"
+                                     + ("" if undone else "; rollback incomplete, map re-read")) from e
+        return len(added) + len(changed), added, changed
 
-    def _rollback(self, endpoint_id: int, realized: dict, added: list, changed: list) -> None:
-        # New keys go first: that frees the room an in-place update of a full LPM trie
-        # needs on kernels that count it as an insert.
-        for key, _ in added:
-            self.policy_map.remove(key)
-            realized.pop(key, None)
+    def _rollback(self, realized: dict, added: list, changed: list) -> bool:
+        """Puts back what this apply changed; False when the kernel refused part of it."""
         try:
+            # New keys go first: that frees the room an in-place update of a full LPM trie
+            # needs on kernels that count it as an insert.
+            for key, _ in added:
+                self.policy_map.remove(key)
+                realized.pop(key, None)
             for key, old in changed:
                 self.policy_map.put(key, deny=old.deny, cookie=old.cookie)
                 realized[key] = old
         except OSError:
             self._realized = None  # re-read the map next time: it is the truth now
+            return False
+        return True
 
     def _remove(self, realized: dict, stale: list) -> int:
         for key in stale:
             self.policy_map.remove(key)
-            del realized[key]
+            del realized[key]  # only once the kernel let it go
         return len(stale)

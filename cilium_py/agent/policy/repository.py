@@ -33,6 +33,8 @@ class PolicyRepository:
         self._cookies: dict[Hashable, int] = {}
         self._names: dict[int, str] = {}
         self.revision = 0
+        self._ordered: list = []
+        self._ordered_at = -1
 
     def upsert(self, key, rules: Iterable[Rule]) -> set[LabelSelector]:
         """Returns the subject selectors of the old and new rules: the endpoints they match
@@ -102,12 +104,17 @@ class PolicyRepository:
         # matching selectors (most rules of a big cluster live in other namespaces).
         namespace = labels.get(NAMESPACE_LABEL)
         with self._lock:
-            items = [(self._cookies[k], k, rules) for k, rules in self._rules.items()]
+            # By policy name, not by cookie: cookies follow the order policies arrived in,
+            # and where two policies write the same entry the one named last must win
+            # however the node got here (incremental equals fresh, cookies included).
+            # Sorted once per repository revision, not once per endpoint.
+            if self._ordered_at != self.revision:
+                self._ordered = sorted(((self._cookies[k], k, rules) for k, rules in self._rules.items()),
+                                       key=lambda t: key_name(t[1]))
+                self._ordered_at = self.revision
+            items = self._ordered
         out = []
-        # By policy name, not by cookie: cookies follow the order policies arrived in, and
-        # where two policies write the same entry the one named last must win however the
-        # node got here (incremental regeneration equals a fresh one, cookies included).
-        for cookie, _, rules in sorted(items, key=lambda t: key_name(t[1])):
+        for cookie, _, rules in items:
             out.extend((cookie, r) for r in rules
                        if (not r.namespace or r.namespace == namespace) and r.selects(labels))
         return out
