@@ -128,12 +128,23 @@ class Reconciler:
     def requeue(self, set_name: str, key) -> float:
         """`key` failed in this pass: it comes back after its backoff. Returns the delay."""
         delay = self._backoff.next((set_name, key))
-        with self._lock:
-            self._dirty[set_name].add(key)
-        timer = threading.Timer(delay, self._wake.set)
+        # Held back until its backoff is over: put into the dirty set now, any other change
+        # would retry it at once and a lasting failure (a full map) would run on every pass.
+        # A change marked for the key itself still brings it back sooner.
+        timer = threading.Timer(delay, self._release, args=(set_name, key))
         timer.daemon = True
         timer.start()
         return delay
+
+    def pending(self, set_name: str) -> set:
+        """The keys marked in `set_name` for the next pass (a copy)."""
+        with self._lock:
+            return set(self._dirty[set_name])
+
+    def _release(self, set_name: str, key) -> None:
+        with self._lock:
+            self._dirty[set_name].add(key)
+        self._wake.set()
 
     def succeeded(self, set_name: str, key) -> None:
         """`key` went through: its next failure starts from the shortest backoff again."""

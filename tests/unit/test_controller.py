@@ -9,6 +9,7 @@ from cilium_py.agent.controller import NOT_READY, READY
 from cilium_py.vocab import IDENTITY_WORLD
 
 from .controlplane import MemoryNode, namespace, pod
+from .waiting import poll
 
 
 def np_ingress_from(ns: str, name: str, peers: list[dict], ports=None) -> dict:
@@ -77,8 +78,11 @@ def test_policy_over_budget_keeps_previous_policy_and_reports(node, tmp_path):
     assert small.enforcement("x/a") == (True, False)
     assert small.control.failed_endpoints()["x/a"] == a.error
     assert small.control.controllers["endpoint-x/a"].last_error == a.error
-    # The loop retries the endpoint by itself; once the policy fits it is ready again.
-    assert "x/a" in small.control.reconciler._dirty["pods"]
+    # The loop retries the endpoint by itself after its backoff, not on the next pass.
+    small.control.reconciler.run_once()
+    assert small.endpoint("x/a").state == NOT_READY
+    assert poll(lambda: "x/a" in small.control.reconciler.pending("pods"))
+    # Once the policy fits it is ready again.
     small.delete("CiliumNetworkPolicy", "x", "many")
     small.sync()
     assert small.endpoint("x/a").state == READY and not small.control.failed_endpoints()
@@ -128,6 +132,7 @@ def test_kernel_error_mid_write_rolls_back(node):
     assert node.entries("x/a") == before["x/a"]           # the one write that went in, undone
     assert len(node.entries("x/b")) > len(before["x/b"])  # the other endpoint went ahead
     node.backend.policy_map.put = original_put
+    assert poll(lambda: "x/a" in node.control.reconciler.pending("pods"))  # after its backoff
     node.sync()
     assert not node.control.failed_endpoints()
 
