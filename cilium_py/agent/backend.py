@@ -126,15 +126,12 @@ class MapEndpoints:
         self.policy_map = policy_map
         self.ifindex = ifindex
         self.handles: dict[str, EndpointHandle] = {}
-        self.fail_create: set[str] = set()  # tests: names whose creation fails
 
     def _allocate_id(self) -> int:
         used = {h.endpoint_id for h in self.handles.values()}
         return next(i for i in range(1, 65536) if i not in used)
 
     def create(self, name: str, ip, identity: int, *, closed: bool = False) -> EndpointHandle:
-        if name in self.fail_create:
-            raise RuntimeError(f"endpoint {name}: injected failure")
         ip = ipaddress.IPv4Address(ip)
         endpoint_id = self._allocate_id()
         flags = (ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS) if closed else 0

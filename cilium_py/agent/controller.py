@@ -79,11 +79,6 @@ class ControlPlaneConfig:
     policy_map_max: int = 16384  # --bpf-policy-map-max: entries one endpoint may have
 
 
-def describe(res: Resource) -> str:
-    """How errors and views name an object: "Kind namespace/name" or "Kind name"."""
-    return f"{res.kind} {res.namespace + '/' if res.namespace else ''}{res.name}"
-
-
 def pod_ports(pod: Pod) -> tuple[dict, list]:
     return pod.named_ports, [(p.port, protocol_name(p.protocol)) for p in pod.ports]
 
