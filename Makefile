@@ -13,10 +13,16 @@ APT_PKGS   := python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv
 STAMP      := $(VENV)/.setup-done
 PROTOS     := $(wildcard hubble/proto/*/*.proto)
 PROTO_STAMP := cilium_py/hubble/api/__init__.py
+# The real peers (tools/go.mod) are built into a cache outside the clone, kept between
+# clones: CILIUMPY_TOOLS is also where cilium_py looks for them.
+TOOLS_CACHE ?= $(or $(CILIUMPY_TOOLS),/var/cache/ciliumpy)
+TOOLS_BIN  := $(TOOLS_CACHE)/bin
+TOOLS      := kube-apiserver kube-controller-manager kubectl kubelet
+GOENV      := GOMODCACHE=$(TOOLS_CACHE)/go/mod GOCACHE=$(TOOLS_CACHE)/go/build CGO_ENABLED=0 GOFLAGS=-mod=mod
 
-.PHONY: setup test test-unit test-bpf test-netns demo bench clean-lab lint proto
+.PHONY: setup tools test test-unit test-bpf test-netns demo bench clean-lab lint proto
 
-setup: $(STAMP) bpffs headers $(PROTO_STAMP)
+setup: $(STAMP) bpffs headers $(PROTO_STAMP) tools
 
 $(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -32,6 +38,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	$(PY) -c 'import bcc, pyroute2, scapy, grpc, grpc_tools, prometheus_client, numpy'
 	touch $(STAMP)
+
+# One `go build` for the Kubernetes commands so they share compilation; etcd (the release
+# the pinned Kubernetes requires) on its own because its main package is named "server".
+# The stamp holds a hash of go.mod and go.sum: a changed pin rebuilds, a fresh clone does not.
+tools:
+	@want=$$(cat tools/go.mod tools/go.sum | sha256sum | cut -c1-16); \
+	if [ "$$(cat $(TOOLS_BIN)/.pins 2>/dev/null)" != "$$want" ]; then \
+	  command -v go >/dev/null || { echo "make setup: Go is needed to build the Kubernetes peers (tools/go.mod)"; exit 1; }; \
+	  echo "building $(TOOLS) etcd into $(TOOLS_BIN) (the first build takes a while)"; \
+	  mkdir -p $(TOOLS_BIN) && cd tools && \
+	  $(GOENV) go build -trimpath -o $(TOOLS_BIN)/ $(addprefix k8s.io/kubernetes/cmd/,$(TOOLS)) && \
+	  $(GOENV) go build -trimpath -o $(TOOLS_BIN)/etcd go.etcd.io/etcd/server/v3 && \
+	  echo "$$want" > $(TOOLS_BIN)/.pins; \
+	fi
 
 # The Hubble API stubs are generated, never committed: hubble/proto is the source.
 proto: $(STAMP)

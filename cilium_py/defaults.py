@@ -1,5 +1,7 @@
 """Default paths and sizes, named after Cilium's options where one exists."""
 
+import os
+
 BPF_ROOT = "/sys/fs/bpf/ciliumpy"  # one directory per node under it: bpffs is not per netns
 RUN_DIR = "/var/run/ciliumpy"      # one directory per node under it: API and monitor sockets
 NODE_NAME = "default"
@@ -16,3 +18,8 @@ CT_GC_INTERVAL = 10.0  # seconds between conntrack GC passes
 
 EVENTS_RINGBUF_PAGES = 256  # 1 MiB ring buffer
 MONITOR_AGGREGATION = "medium"
+
+# Where `make setup` builds the real peers of tools/go.mod (kube-apiserver, etcd, kubectl...):
+# a cache outside the clone, kept between clones.
+TOOLS_CACHE = os.environ.get("CILIUMPY_TOOLS", "/var/cache/ciliumpy")
+TOOLS_BIN = os.path.join(TOOLS_CACHE, "bin")
