@@ -1,0 +1,209 @@
+"""The install manifests (operator/*.yaml) on a real API server: accepted as they are, and
+the roles they create give each component's ServiceAccount exactly cilium_py/k8s/rbac.py's
+table, as the server's own authorizer answers for a real token of that account."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cilium_py.k8s import rbac
+from cilium_py.k8s.client import Kube
+from cilium_py.k8s.resources import RESOURCES
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "operator"
+CRDS = MANIFESTS / "crds"
+REVIEWS = "/apis/authorization.k8s.io/v1"
+
+
+def _kubectl_ok(plane, *args: str):
+    done = plane.kubectl(*args)
+    assert done.returncode == 0, f"kubectl {' '.join(args)} failed:\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane):
+    """The manifests applied for real (the CRDs first, where this checkout has them), and
+    removed after the module's tests: what the CRDs did not exist before is deleted too."""
+    admin = control_plane.admin()
+    try:
+        preexisting = {c for c in rbac.CRD_NAMES if admin.get_or_none("CustomResourceDefinition", c)}
+    finally:
+        admin.close()
+    try:
+        if CRDS.is_dir():
+            _kubectl_ok(control_plane, "apply", "-f", str(CRDS))
+        _kubectl_ok(control_plane, "apply", "-f", str(MANIFESTS))
+        yield control_plane
+    finally:
+        control_plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", str(MANIFESTS))
+        for name in set(rbac.CRD_NAMES) - preexisting:
+            control_plane.kubectl("delete", "--ignore-not-found", "--wait=false",
+                                  "customresourcedefinition", name)
+
+
+@contextlib.contextmanager
+def client_as(plane, namespace: str, service_account: str):
+    client = Kube(plane.kubeconfig_for_service_account(namespace, service_account,
+                                                       path=f"{plane.workdir}/sa-{uuid.uuid4().hex[:8]}.kubeconfig"))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def allowed(client: Kube, verb: str, group: str, res: str, *, namespace: str = "", name: str = "") -> bool:
+    """The API server's answer (SelfSubjectAccessReview) for the client's own token."""
+    plural, _, subresource = res.partition("/")
+    attributes = {"verb": verb, "group": group, "resource": plural, "subresource": subresource,
+                  "namespace": namespace, "name": name}
+    review = client.request("POST", f"{REVIEWS}/selfsubjectaccessreviews", body={
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes}})
+    return bool(review["status"].get("allowed"))
+
+
+def server_rules(client: Kube, namespace: str) -> set[rbac.Grant]:
+    """Every resource grant the server holds for the client in `namespace` (its
+    SelfSubjectRulesReview), cluster-wide ones included."""
+    review = client.request("POST", f"{REVIEWS}/selfsubjectrulesreviews", body={
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": namespace}})
+    status = review["status"]
+    assert not status.get("incomplete"), status.get("evaluationError")
+    return rbac.rule_grants(status.get("resourceRules") or [], "SelfSubjectRulesReview")
+
+
+def _namespaced(group: str, res: str) -> bool:
+    plural = res.partition("/")[0]
+    return next(r for r in RESOURCES.values() if r.group == group and r.plural == plural).namespaced
+
+
+def test_server_accepts_the_manifests_in_a_dry_run(control_plane):
+    done = control_plane.kubectl("apply", "--dry-run=server", "-f", str(MANIFESTS))
+    assert done.returncode == 0, done.stderr
+    # Every document went through the server's validation and admission.
+    documents = [d for p in MANIFESTS.glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d]
+    assert done.stdout.count("(server dry run)") == len(documents), done.stdout
+
+
+def test_applied_manifests_are_all_there(installed, kube):
+    sa = kube.get("ServiceAccount", rbac.AGENT.service_account, rbac.NAMESPACE)
+    assert sa["metadata"]["name"] == "ciliumpy"
+    ds = installed.kubectl("get", "-n", rbac.NAMESPACE, "daemonset/ciliumpy", "-o",
+                           "jsonpath={.spec.template.spec.serviceAccountName}")
+    assert ds.returncode == 0 and ds.stdout == "ciliumpy", ds.stderr
+    dep = installed.kubectl("get", "-n", rbac.NAMESPACE, "deployment/ciliumpy-operator", "-o",
+                            "jsonpath={.spec.replicas}")
+    assert dep.returncode == 0 and dep.stdout == "2", dep.stderr
+    assert kube.get("ConfigMap", "ciliumpy-config", rbac.NAMESPACE)["data"]["config.yaml"]
+
+
+@pytest.fixture(scope="module")
+def baseline(installed):
+    """What any ServiceAccount may do without roles of its own (self reviews, discovery)."""
+    namespace = "t-" + uuid.uuid4().hex[:8]
+    admin = installed.admin()
+    admin.create("Namespace", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    try:
+        with client_as(installed, namespace, "nobody") as nobody:
+            yield {ns: server_rules(nobody, ns) for ns in (rbac.NAMESPACE, namespace)}, namespace
+    finally:
+        admin.delete("Namespace", namespace, missing_ok=True)
+        admin.close()
+
+
+@pytest.mark.parametrize("component", rbac.COMPONENTS, ids=lambda c: c.service_account)
+def test_service_account_gets_exactly_the_table(installed, baseline, component):
+    """The server's own list of what the account may do, less what every account may do,
+    is the table: in its namespace cluster-wide and namespaced grants, elsewhere only the
+    cluster-wide ones."""
+    base, elsewhere = baseline
+    with client_as(installed, component.namespace, component.service_account) as client:
+        home = server_rules(client, component.namespace) - base[rbac.NAMESPACE]
+        assert home == rbac.grants(component.cluster) | rbac.grants(component.namespaced)
+        other = server_rules(client, elsewhere) - base[elsewhere]
+        assert other == rbac.grants(component.cluster)
+
+
+@pytest.mark.parametrize("component", rbac.COMPONENTS, ids=lambda c: c.service_account)
+def test_every_verb_of_the_table_is_allowed(installed, namespace, component):
+    with client_as(installed, component.namespace, component.service_account) as client:
+        refused = []
+        for group, res, verb, name in sorted(rbac.grants(component.cluster)):
+            ns = namespace if _namespaced(group, res) else ""
+            if not allowed(client, verb, group, res, namespace=ns, name=name):
+                refused.append((verb, group, res, ns, name))
+            if name and allowed(client, verb, group, res, namespace=ns, name="not-" + name):
+                refused.append(("allowed beyond its resourceNames", verb, group, res, name))
+        for group, res, verb, name in sorted(rbac.grants(component.namespaced)):
+            if not allowed(client, verb, group, res, namespace=component.namespace, name=name):
+                refused.append((verb, group, res, component.namespace, name))
+            if allowed(client, verb, group, res, namespace=namespace, name=name):
+                refused.append(("allowed outside its namespace", verb, group, res, namespace))
+        assert not refused
+
+
+# What neither component may do: the things a compromised agent or operator would want.
+FORBIDDEN = [
+    ("delete", "", "pods", True, ""),
+    ("create", "", "pods", True, ""),
+    ("create", "", "pods/exec", True, ""),
+    ("get", "", "secrets", True, ""),
+    ("list", "", "secrets", True, ""),
+    ("create", "", "secrets", True, ""),
+    ("patch", "", "nodes", False, ""),
+    ("delete", "", "namespaces", False, ""),
+    ("update", "networking.k8s.io", "networkpolicies", True, ""),
+    ("delete", "cilium.io", "ciliumnetworkpolicies", True, ""),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", False, ""),
+    ("update", "coordination.k8s.io", "leases", True, "kube-controller-manager"),
+    ("update", "apiextensions.k8s.io", "customresourcedefinitions", False, "widgets.example.com"),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions", False, "ciliumnodes.cilium.io"),
+]
+AGENT_FORBIDDEN = [
+    ("delete", "cilium.io", "ciliumidentities", False, ""),
+    ("create", "apiextensions.k8s.io", "customresourcedefinitions", False, ""),
+    ("create", "coordination.k8s.io", "leases", True, ""),
+]
+OPERATOR_FORBIDDEN = [
+    ("create", "cilium.io", "ciliumidentities", False, ""),
+    ("delete", "cilium.io", "ciliumendpoints", True, ""),
+    ("delete", "cilium.io", "ciliumnodes", False, ""),
+    ("list", "", "pods", True, ""),
+]
+
+
+@pytest.mark.parametrize("component, forbidden", [(rbac.AGENT, FORBIDDEN + AGENT_FORBIDDEN),
+                                                  (rbac.OPERATOR, FORBIDDEN + OPERATOR_FORBIDDEN)],
+                         ids=lambda c: getattr(c, "service_account", ""))
+def test_what_a_component_must_not_do_is_denied(installed, namespace, component, forbidden):
+    with client_as(installed, component.namespace, component.service_account) as client:
+        granted = [(verb, group, res, name) for verb, group, res, namespaced, name in forbidden
+                   for ns in ((rbac.NAMESPACE, namespace) if namespaced else ("",))
+                   if allowed(client, verb, group, res, namespace=ns, name=name)]
+        assert not granted
+
+
+def test_kubectl_auth_can_i_agrees(installed, namespace):
+    """The way a user checks it: `kubectl auth can-i` with the account's kubeconfig."""
+    path = installed.kubeconfig_for_service_account(rbac.NAMESPACE, rbac.AGENT.service_account)
+    yes = installed.kubectl("auth", "can-i", "watch", "endpointslices.discovery.k8s.io", "-n", namespace,
+                            kubeconfig=path)
+    assert (yes.returncode, yes.stdout.strip()) == (0, "yes"), yes.stderr
+    no = installed.kubectl("auth", "can-i", "delete", "pods", "-n", namespace, kubeconfig=path)
+    assert (no.returncode, no.stdout.strip()) == (1, "no")
+    path = installed.kubeconfig_for_service_account(rbac.NAMESPACE, rbac.OPERATOR.service_account)
+    lease = installed.kubectl("auth", "can-i", "update", f"leases/{rbac.OPERATOR_LEASE}", "-n", rbac.NAMESPACE,
+                              kubeconfig=path)
+    assert lease.stdout.strip() == "yes", lease.stderr
+    other = installed.kubectl("auth", "can-i", "update", "leases/kube-scheduler", "-n", rbac.NAMESPACE,
+                              kubeconfig=path)
+    assert other.stdout.strip() == "no"
+
