@@ -66,8 +66,12 @@ _ICMP_NUMBER = "0*(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 
 # -- schema pieces -------------------------------------------------------------------------
 
-def rule(expr: str, message: str) -> dict:
-    return {"rule": expr, "message": message}
+def rule(expr: str, message: str, field_path: str = "") -> dict:
+    """A CEL rule; field_path (".ip") makes the error name that field rather than the object."""
+    out = {"rule": expr, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
 
 
 def obj(properties: dict, *, required=(), rules=(), description: str = "") -> dict:
@@ -326,16 +330,15 @@ def identity_object() -> dict:
     return obj({
         "apiVersion": string(max_length=None),
         "kind": string(max_length=None),
-        "metadata": {"type": "object"},
+        "metadata": obj({"name": string(max_length=len(str(high)), pattern="^[1-9][0-9]*$")}),
         "security-labels": string_map(
             "Every label of the identity, keyed source:key (k8s:app).",
             {"type": "string", "maxLength": 63, "pattern": _LABEL_VALUE},
             rules=[rule(f"self.all(k, k.size() <= {MAX_LABEL_KEY} && k.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?:.+$'))",
                         "has a key that is not source:key (such as k8s:app)")]),
     }, required=["security-labels"], rules=[rule(
-        f"self.metadata.name.matches('^[1-9][0-9]{{0,7}}$') && int(self.metadata.name) >= {low}"
-        f" && int(self.metadata.name) <= {high}",
-        f"metadata.name must be the numeric identity in decimal, {low}-{high}")])
+        f"int(self.metadata.name) >= {low} && int(self.metadata.name) <= {high}",
+        f"must be the numeric identity in decimal, {low}-{high}", ".metadata.name")])
 
 
 def _identity_tuple() -> dict:
@@ -415,7 +418,7 @@ def node_object() -> dict:
         "ip": string("An address, or a name for Hostname, ExternalDNS and InternalDNS.", max_length=MAX_NAME),
     }, required=["type", "ip"], rules=[rule(
         "self.type in [" + ", ".join(f"'{t}'" for t in objs.NAME_ADDRESS_TYPES) + "] || isIP(self.ip)",
-        "ip must be an IP address for this address type")])
+        "must be an IP address for this address type", ".ip")])
     owner = obj({"owner": string(), "resource": string()})
     cidr_count = obj({"ipv4-addrs": integer(minimum=0), "ipv6-addrs": integer(minimum=0)})
     ipam_spec = obj({
