@@ -260,7 +260,7 @@ def parse_cilium_node(doc, source: str, where: str = "object") -> CiliumNode:
         elif kind in NAME_ADDRESS_TYPES:
             addresses.append(CiliumNodeAddress(kind, value))
         elif (ip := ip_address(value)) is None:
-            c.error(f"{path}.ip", f"{value!r} is not an IP address (a {kind} holds one)")
+            c.error(f"{path}.ip", f"{value!r} is not an IP address, which a {kind} entry holds")
         else:
             addresses.append(CiliumNodeAddress(kind, str(ip)))
     ipam = mapping(c, spec.get("ipam"), "spec.ipam")
