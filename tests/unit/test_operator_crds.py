@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cilium_py.agent.errors import InvalidObject
 from cilium_py.agent.objects import cilium as objs
+from cilium_py.agent.objects import parse_object
 from cilium_py.agent.policy import api as policy_api
 from cilium_py.operator import schemas
 from cilium_py.operator.crds import load_crds
+from tests.k8s import policy_cases
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "operator" / "crds"
 
@@ -124,3 +127,19 @@ def test_load_crds_refuses_what_is_not_a_crd(tmp_path):
         load_crds(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_crds(tmp_path / "missing")
+
+
+def _cnp(name: str, body: dict) -> dict:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": "prod"}, **body}
+
+
+def test_the_parser_agrees_with_the_server_on_the_policy_cases():
+    # The server's side of each case is tested in tests/k8s/test_crds.py.
+    for name, body in policy_cases.VALID:
+        parse_object(_cnp(name, body), "cases")
+    for name, body, _ in policy_cases.REJECTED + policy_cases.AGENT_ONLY:
+        if name in policy_cases.PARSER_IGNORES:
+            continue
+        with pytest.raises(InvalidObject):
+            parse_object(_cnp(name, body), "cases")
