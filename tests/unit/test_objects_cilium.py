@@ -132,10 +132,11 @@ def test_identity_name_must_be_a_cluster_identity_number(name, fragment):
 
 def test_identity_reports_every_bad_label_and_needs_security_labels():
     doc = identity_doc()
-    doc["security-labels"] = {"app": "web", "k8s:tier": 5, "k8s:ok": "fine", ":x": "y"}
+    doc["security-labels"] = {"app": "web", "k8s:tier": 5, "k8s:ok": "fine", ":x": "y", "k8s:v": "-bad"}
     doc["apiVersion"] = "cilium.io/v1"
     found = errors(doc)
-    assert set(found) == {"apiVersion", "security-labels.app", "security-labels.k8s:tier", "security-labels.:x"}
+    assert set(found) == {"apiVersion", "security-labels.app", "security-labels.k8s:tier", "security-labels.:x",
+                          "security-labels.k8s:v"}
     assert "source:key" in found["security-labels.app"] and "strings" in found["security-labels.k8s:tier"]
     doc = identity_doc()
     del doc["security-labels"]

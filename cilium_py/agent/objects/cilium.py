@@ -56,6 +56,7 @@ MAX_ENCRYPTION_KEY = 255      # the datapath keeps the key index in a u8
 
 _IDENTITY_NAME = re.compile(r"[1-9][0-9]*")
 _LABEL_SOURCE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
 # -- CiliumIdentity ------------------------------------------------------------------------
@@ -119,6 +120,9 @@ def _security_label_error(key, value) -> str | None:
         return f"{key!r} is not a source:key label (such as k8s:app)"
     if not isinstance(value, str):
         return f"label values must be strings, not {value!r}"
+    if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+        return (f"{value!r} is not a valid label value: at most 63 letters, digits, '-', '_' and '.', "
+                "starting and ending with a letter or digit")
     return None
 
 
