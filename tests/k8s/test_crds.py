@@ -83,6 +83,13 @@ def test_install_is_idempotent_and_every_crd_is_established(kube, installed):
         assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
 
 
+def test_kubectl_apply_of_the_crd_files_is_accepted(installed, control_plane):
+    # The files equal the installer's definitions (tests/unit/test_operator_crds.py).
+    applied = control_plane.kubectl("apply", "--dry-run=server", "-f", os.path.join(REPO, "operator", "crds"))
+    assert applied.returncode == 0, applied.stderr
+    assert len(applied.stdout.splitlines()) == len(installed)
+
+
 def _renamed_crd(group: str) -> dict:
     # Our CNP CRD under a throwaway group, so the test owns it from creation to deletion.
     crd = copy.deepcopy(next(c for c in load_crds() if c["spec"]["names"]["kind"] == CNP))
