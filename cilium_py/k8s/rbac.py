@@ -81,20 +81,18 @@ AGENT = Component(
     cluster=(
         *(Access(kind, ("list", "watch"), "the Kubernetes source lists and watches it into the store")
           for kind in WATCHED_KINDS),
-        Access("CiliumIdentity", ("create", "update"),
-               "allocates the identity of a new label set; removes the operator's heartbeat mark "
-               "from an identity it uses again"),
-        Access("CiliumEndpoint", ("create", "get", "update", "patch", "delete"),
-               "publishes the endpoints of its node's pods (identity, addresses, policy state) "
-               "and removes them with the pod"),
+        Access("CiliumIdentity", ("create", "get", "update"),
+               "allocates the identity of a new label set (create; on a clash reads the winner's "
+               "labels), removes the operator's heartbeat mark from an identity it uses again"),
+        Access("CiliumEndpoint", ("create", "patch", "delete"),
+               "publishes the endpoints of its node's pods (identity, addresses, owner pod) and "
+               "removes them with the pod"),
         Access("CiliumNode", ("create", "get", "update"),
-               "registers its node (addresses) and reads the pod CIDRs the operator allocated"),
-        Access("CiliumNode", ("update",), "reports the state of its pod CIDRs", subresource="status"),
+               "registers its node (addresses) and reads the pod CIDR the operator allocated"),
         Access("CiliumNetworkPolicy", ("patch",), "reports whether a policy was accepted",
                subresource="status"),
         Access("CiliumClusterwideNetworkPolicy", ("patch",), "reports whether a policy was accepted",
                subresource="status"),
-        Access("CustomResourceDefinition", ("get",), "waits for the operator to install the CRDs"),
     ),
 )
 

@@ -197,6 +197,9 @@ def test_kubectl_auth_can_i_agrees(installed, namespace):
     yes = installed.kubectl("auth", "can-i", "watch", "endpointslices.discovery.k8s.io", "-n", namespace,
                             kubeconfig=path)
     assert (yes.returncode, yes.stdout.strip()) == (0, "yes"), yes.stderr
+    status = installed.kubectl("auth", "can-i", "patch", "ciliumnetworkpolicies.cilium.io", "--subresource=status",
+                               "-n", namespace, kubeconfig=path)
+    assert status.stdout.strip() == "yes", status.stderr
     no = installed.kubectl("auth", "can-i", "delete", "pods", "-n", namespace, kubeconfig=path)
     assert (no.returncode, no.stdout.strip()) == (1, "no")
     path = installed.kubeconfig_for_service_account(rbac.NAMESPACE, rbac.OPERATOR.service_account)

@@ -288,3 +288,11 @@ def test_operator_deployment(manifests, tmp_path, monkeypatch):
     ctx = _check_container(manifests, pod, container, tmp_path, monkeypatch)
     # Its Lease is where its Role lets it write.
     assert ctx.params["namespace"] == rbac.OPERATOR.namespace
+
+
+def test_operator_may_update_exactly_our_crds():
+    """The resourceNames of the operator's CRD update are the CRDs operator/crds/ installs."""
+    shipped = sorted(yaml.safe_load(p.read_text())["metadata"]["name"] for p in (MANIFESTS / "crds").glob("*.yaml"))
+    assert shipped == list(rbac.CRD_NAMES)
+    [update] = [a for a in rbac.OPERATOR.cluster if a.kind == "CustomResourceDefinition" and "update" in a.verbs]
+    assert update.names == rbac.CRD_NAMES
