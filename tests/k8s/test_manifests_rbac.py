@@ -210,3 +210,64 @@ def test_kubectl_auth_can_i_agrees(installed, namespace):
                               kubeconfig=path)
     assert other.stdout.strip() == "no"
 
+
+
+# -- the components' own code under their roles ----------------------------------------------
+
+@contextlib.contextmanager
+def recording_client_as(plane, component: rbac.Component):
+    from tests.k8s.recording import RecordingKube
+
+    path = plane.kubeconfig_for_service_account(component.namespace, component.service_account,
+                                                path=f"{plane.workdir}/sa-{uuid.uuid4().hex[:8]}.kubeconfig")
+    client = RecordingKube(path)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_operator_installs_the_crds_under_its_role(installed, kube):
+    """The CRD installer as the operator runs it: one CRD missing (create), one changed by
+    someone (update, after a dry-run update), the others as they are (get, dry run)."""
+    from cilium_py.operator import crds
+    from tests.unit.waiting import poll
+
+    missing, changed = "ciliumendpoints.cilium.io", "ciliumnodes.cilium.io"
+    kube.delete("CustomResourceDefinition", missing)
+    assert poll(lambda: kube.get_or_none("CustomResourceDefinition", missing) is None, 60)
+    kube.patch("CustomResourceDefinition", changed, {"spec": {"names": {"shortNames": ["cn"]}}})
+    with recording_client_as(installed, rbac.OPERATOR) as client:
+        results = crds.install_crds(client, crds.load_crds())
+        assert not client.refused()
+        assert not client.beyond(rbac.OPERATOR)
+        assert {("apiextensions.k8s.io", "customresourcedefinitions", v)
+                for v in ("create", "get", "update")} <= client.verbs()
+    assert results[missing] == crds.CREATED and results[changed] == crds.UPDATED
+    assert {results[n] for n in rbac.CRD_NAMES if n not in (missing, changed)} == {crds.UNCHANGED}
+
+
+def test_recorder_names_requests_as_rbac_does():
+    from tests.k8s.recording import attributes
+
+    assert attributes("GET", "/api/v1/namespaces", {}) == ("list", "", "namespaces", "", "")
+    assert attributes("GET", "/api/v1/pods", {"watch": "1"}) == ("watch", "", "pods", "", "")
+    assert attributes("GET", "/api/v1/namespaces/a/pods/p", {}) == ("get", "", "pods", "a", "p")
+    assert attributes("PATCH", "/apis/cilium.io/v2/namespaces/a/ciliumnetworkpolicies/x/status", {}) == (
+        "patch", "cilium.io", "ciliumnetworkpolicies/status", "a", "x")
+    assert attributes("PUT", "/apis/cilium.io/v2/ciliumnodes/n/status", {}) == (
+        "update", "cilium.io", "ciliumnodes/status", "", "n")
+    assert attributes("DELETE", "/apis/cilium.io/v2/ciliumidentities", {}) == (
+        "deletecollection", "cilium.io", "ciliumidentities", "", "")
+    assert attributes("GET", "/version", {}) is None
+
+
+def test_recorder_sees_a_refusal(installed):
+    from cilium_py.k8s.client import ApiError
+
+    with recording_client_as(installed, rbac.AGENT) as client:
+        with pytest.raises(ApiError):
+            client.delete("CiliumNetworkPolicy", "x", "default")
+        [request] = client.refused()
+        assert request.grant() == ("cilium.io", "ciliumnetworkpolicies", "delete", "x")
+        assert client.beyond(rbac.AGENT) == [request]
