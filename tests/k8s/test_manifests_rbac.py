@@ -4,9 +4,7 @@ table, as the server's own authorizer answers for a real token of that account."
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,48 +12,15 @@ import yaml
 from cilium_py.k8s import rbac
 from cilium_py.k8s.client import Kube
 from cilium_py.k8s.resources import RESOURCES
+from tests.k8s.install import MANIFESTS, client_as, installed_manifests, recording_client_as
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = REPO / "operator"
-CRDS = MANIFESTS / "crds"
 REVIEWS = "/apis/authorization.k8s.io/v1"
-
-
-def _kubectl_ok(plane, *args: str):
-    done = plane.kubectl(*args)
-    assert done.returncode == 0, f"kubectl {' '.join(args)} failed:\n{done.stderr}"
-    return done
 
 
 @pytest.fixture(scope="module")
 def installed(control_plane):
-    """The manifests applied for real (the CRDs first, where this checkout has them), and
-    removed after the module's tests: what the CRDs did not exist before is deleted too."""
-    admin = control_plane.admin()
-    try:
-        preexisting = {c for c in rbac.CRD_NAMES if admin.get_or_none("CustomResourceDefinition", c)}
-    finally:
-        admin.close()
-    try:
-        if CRDS.is_dir():
-            _kubectl_ok(control_plane, "apply", "-f", str(CRDS))
-        _kubectl_ok(control_plane, "apply", "-f", str(MANIFESTS))
+    with installed_manifests(control_plane):
         yield control_plane
-    finally:
-        control_plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", str(MANIFESTS))
-        for name in set(rbac.CRD_NAMES) - preexisting:
-            control_plane.kubectl("delete", "--ignore-not-found", "--wait=false",
-                                  "customresourcedefinition", name)
-
-
-@contextlib.contextmanager
-def client_as(plane, namespace: str, service_account: str):
-    client = Kube(plane.kubeconfig_for_service_account(namespace, service_account,
-                                                       path=f"{plane.workdir}/sa-{uuid.uuid4().hex[:8]}.kubeconfig"))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def allowed(client: Kube, verb: str, group: str, res: str, *, namespace: str = "", name: str = "") -> bool:
@@ -213,19 +178,6 @@ def test_kubectl_auth_can_i_agrees(installed, namespace):
 
 
 # -- the components' own code under their roles ----------------------------------------------
-
-@contextlib.contextmanager
-def recording_client_as(plane, component: rbac.Component):
-    from tests.k8s.recording import RecordingKube
-
-    path = plane.kubeconfig_for_service_account(component.namespace, component.service_account,
-                                                path=f"{plane.workdir}/sa-{uuid.uuid4().hex[:8]}.kubeconfig")
-    client = RecordingKube(path)
-    try:
-        yield client
-    finally:
-        client.close()
-
 
 def test_operator_installs_the_crds_under_its_role(installed, kube):
     """The CRD installer as the operator runs it: one CRD missing (create), one changed by
