@@ -214,13 +214,19 @@ class Kube:
             raise
 
     def watch(self, kind: str, resource_version: str, namespace: str | None = None, *,
-              timeout_seconds: int = 300, bookmarks: bool = True) -> "WatchStream":
+              timeout_seconds: int = 300, bookmarks: bool = True, label_selector: str = "",
+              field_selector: str = "") -> "WatchStream":
         """A watch from `resource_version` (exclusive), with bookmarks. The server ends it
-        after `timeout_seconds`; the client gives up reading a minute later."""
+        after `timeout_seconds`; the client gives up reading a minute later. The selectors
+        must be those of the list the resourceVersion came from."""
         res = resource(kind)
         query = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": timeout_seconds}
         if bookmarks:
             query["allowWatchBookmarks"] = "true"
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
         try:
             resp = self._api.call_api(
                 res.path(namespace), "GET", query_params=list(query.items()),
