@@ -97,6 +97,7 @@ class Reflector:
         self.lists = 0           # completed lists (the first one included)
         self.relists = 0         # lists after the first (410, refused watches, absent kinds)
         self.list_restarts = 0   # lists restarted because a continue token expired
+        self.list_pages = 0      # pages of the last completed list
         self.watches = 0         # watch requests opened
         self.last_error = ""
 
@@ -175,6 +176,7 @@ class Reflector:
             self.relists += 1
         items: list[dict] = []
         token = ""
+        pages = 0
         while True:
             if self._stop.is_set():
                 raise _Stopped
@@ -187,8 +189,9 @@ class Reflector:
                 # The token outlived the server's history: start over at the current state.
                 log.info("kubernetes source: %s: continue token expired, listing again", self.res.plural)
                 self.list_restarts += 1
-                items, token = [], ""
+                items, token, pages = [], "", 0
                 continue
+            pages += 1
             items += page.get("items") or []
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
@@ -196,10 +199,11 @@ class Reflector:
                 break
         self._replace(items, meta)
         self.lists += 1
+        self.list_pages = pages
         self._backoff.reset()
         self.last_error = ""
-        self.synced.set()
         self._on_listed()
+        self.synced.set()
 
     def _replace(self, items: list[dict], meta: dict) -> None:
         """Makes the store's objects of this kind those of the list."""
@@ -355,6 +359,7 @@ class Reflector:
                 "rejected": rejected, "resource_version": self.resource_version,
                 "last_event": self.last_event, "events": self.events, "bookmarks": self.bookmarks,
                 "lists": self.lists, "relists": self.relists, "list_restarts": self.list_restarts,
+                "list_pages": self.list_pages,
                 "watches": self.watches, "last_error": self.last_error,
                 "field_selector": self.field_selector}
 
