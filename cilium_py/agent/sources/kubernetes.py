@@ -99,6 +99,7 @@ class Reflector:
         self.list_restarts = 0   # lists restarted because a continue token expired
         self.list_pages = 0      # pages of the last completed list
         self.watches = 0         # watch requests opened
+        self.expired = 0         # watches answered 410 Gone (each followed by a relist)
         self.last_error = ""
 
     # -- thread ----------------------------------------------------------------------
@@ -238,6 +239,7 @@ class Reflector:
                 self._watch_once()
             except ApiError as e:
                 if e.gone:
+                    self.expired += 1
                     log.info("kubernetes source: %s: resourceVersion %s is gone, relisting",
                              self.res.plural, self.resource_version)
                     self.last_error = str(e)
@@ -360,7 +362,7 @@ class Reflector:
                 "last_event": self.last_event, "events": self.events, "bookmarks": self.bookmarks,
                 "lists": self.lists, "relists": self.relists, "list_restarts": self.list_restarts,
                 "list_pages": self.list_pages,
-                "watches": self.watches, "last_error": self.last_error,
+                "watches": self.watches, "expired": self.expired, "last_error": self.last_error,
                 "field_selector": self.field_selector}
 
 
