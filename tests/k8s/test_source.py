@@ -322,3 +322,34 @@ def test_stop_ends_every_reflector_promptly(kube, started):
     assert all(not t.is_alive() for t in threads)
     assert {r["state"] for r in source.status()["resources"].values()} == {"stopped"}
 
+
+
+def test_expired_continue_token_restarts_the_list(control_plane, kube, namespace, started):
+    """Between two pages the API server forgets the list's resourceVersion (etcd compacted
+    past it, the watch cache restarted): the next page is 410 and the list starts over."""
+
+    class ForgetsBetweenPages(Kube):
+        forgot = False
+
+        def list(self, kind, namespace=None, *, continue_token="", **kwargs):
+            if continue_token and not self.forgot:
+                self.forgot = True
+                kube.create("NetworkPolicy", netpol(namespace_, "late", 99))
+                control_plane.compact_etcd()
+                control_plane.restart_apiserver()
+            return super().list(kind, namespace, continue_token=continue_token, **kwargs)
+
+    namespace_ = namespace
+    for i in range(5):
+        kube.create("NetworkPolicy", netpol(namespace, f"np-{i}"))
+    client = ForgetsBetweenPages(control_plane.admin_kubeconfig)
+    try:
+        source, store = started(client, page_size=2)
+        assert client.forgot
+        status = source.status()["resources"]["NetworkPolicy"]
+        assert status["list_restarts"] == 1 and status["lists"] == 1
+        # The restarted list is the state after the change, the late object included.
+        assert {r.name for r in store.list("NetworkPolicy") if r.namespace == namespace} == \
+            {f"np-{i}" for i in range(5)} | {"late"}
+    finally:
+        client.close()
