@@ -353,3 +353,29 @@ def test_expired_continue_token_restarts_the_list(control_plane, kube, namespace
             {f"np-{i}" for i in range(5)} | {"late"}
     finally:
         client.close()
+
+
+def test_every_watched_kind_syncs_once_the_crds_are_installed(kube, namespace, started):
+    from cilium_py.operator.crds import install_crds, load_crds
+
+    install_crds(kube, load_crds())   # idempotent: other tests may have installed them
+    source, store = started(kube, kinds=resources.WATCHED_KINDS, node_name="n-source")
+    assert poll(lambda: {r["state"] for r in source.status()["resources"].values()} == {WATCHING}, WAIT), \
+        source.status()
+    number = 256 + uuid.uuid4().int % (2 ** 24 - 256)
+    kube.create("CiliumIdentity", {"apiVersion": "cilium.io/v2", "kind": "CiliumIdentity",
+                                   "metadata": {"name": str(number)},
+                                   "security-labels": {"k8s:app": "web", "k8s:io.kubernetes.pod.namespace": namespace}})
+    try:
+        kube.create("CiliumNetworkPolicy", {
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}]}]}})
+        assert poll(lambda: store.get(("CiliumIdentity", "", str(number))) is not None, WAIT)
+        assert store.get(("CiliumIdentity", "", str(number))).identity == number
+        assert poll(lambda: store.get(("CiliumNetworkPolicy", namespace, "web")) is not None, WAIT)
+        assert source.errors == [] or all(e.key[1] != namespace for e in source.errors)
+    finally:
+        kube.delete("CiliumIdentity", str(number), missing_ok=True)
+    assert poll(lambda: store.get(("CiliumIdentity", "", str(number))) is None, WAIT)
