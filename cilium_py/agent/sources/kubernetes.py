@@ -109,12 +109,16 @@ class Reflector:
         self._thread = threading.Thread(target=self._run, name=f"k8s-{self.kind}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Tells the thread to end and wakes it from a watch; stop() waits for it."""
         self._stop.set()
         with self._lock:
             stream = self._stream
         if stream is not None:
             stream.close()
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -397,8 +401,8 @@ class KubernetesSource:
             r.start()
 
     def stop(self) -> None:
-        for r in self.reflectors.values():
-            r._stop.set()
+        for r in self.reflectors.values():   # all at once, then wait for each
+            r.request_stop()
         for r in self.reflectors.values():
             r.stop()
 
