@@ -82,6 +82,15 @@ class RecordingKube(Kube):
                     if not rbac.allows(home if r.namespace == component.namespace else cluster,
                                        r.group, r.resource, r.verb, r.name)]
 
+    def unused(self, component: rbac.Component, skip=frozenset()) -> list[rbac.Grant]:
+        """Grants of the component's table no recorded request needed (a grant limited to
+        names counts only when one of them was asked for)."""
+        with self._lock:
+            asked = {r.grant() for r in self.requests}
+        asked_any = {grant[:3] for grant in asked}
+        table = rbac.grants(component.cluster) | rbac.grants(component.namespaced)
+        return sorted(g for g in table - set(skip) if (g not in asked if g[3] else g[:3] not in asked_any))
+
     def verbs(self) -> set[tuple[str, str, str]]:
         with self._lock:
             return {(r.group, r.resource, r.verb) for r in self.requests}
