@@ -23,7 +23,7 @@ def _kubectl_ok(plane, *args: str):
 @contextlib.contextmanager
 def installed_manifests(plane):
     """The manifests applied for real, the CRDs first, and removed after: the CRDs that did
-    not exist before are deleted too."""
+    not exist before are deleted too (and waited for)."""
     admin = plane.admin()
     try:
         preexisting = {c for c in rbac.CRD_NAMES if admin.get_or_none("CustomResourceDefinition", c)}
@@ -35,8 +35,11 @@ def installed_manifests(plane):
         yield plane
     finally:
         plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", str(MANIFESTS))
-        for name in set(rbac.CRD_NAMES) - preexisting:
-            plane.kubectl("delete", "--ignore-not-found", "--wait=false", "customresourcedefinition", name)
+        # Waited for: a CRD still terminating would meet the next test module's installer.
+        created = sorted(set(rbac.CRD_NAMES) - preexisting)
+        if created:
+            plane.kubectl("delete", "--ignore-not-found", "--timeout=60s",
+                          *(f"customresourcedefinition/{name}" for name in created))
 
 
 def _kubeconfig(plane, namespace: str, name: str) -> str:
