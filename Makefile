@@ -18,6 +18,11 @@ PROTO_STAMP := cilium_py/hubble/api/__init__.py
 TOOLS_CACHE ?= $(or $(CILIUMPY_TOOLS),/var/cache/ciliumpy)
 TOOLS_BIN  := $(TOOLS_CACHE)/bin
 TOOLS      := kube-apiserver kube-controller-manager kubectl kubelet
+# The version the binaries report (/version, kubectl version): go build leaves it unset.
+KUBE_VERSION := $(shell awk '$$1=="k8s.io/kubernetes" {print $$2}' tools/go.mod)
+KUBE_MINOR := $(word 2,$(subst ., ,$(KUBE_VERSION)))
+KUBE_LDFLAGS := $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+                -X $(p).gitVersion=$(KUBE_VERSION) -X $(p).gitMajor=1 -X $(p).gitMinor=$(KUBE_MINOR) -X $(p).gitTreeState=clean)
 GOENV      := GOMODCACHE=$(TOOLS_CACHE)/go/mod GOCACHE=$(TOOLS_CACHE)/go/build CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 .PHONY: setup tools test test-unit test-bpf test-netns demo bench clean-lab lint proto
@@ -48,7 +53,7 @@ tools:
 	  command -v go >/dev/null || { echo "make setup: Go is needed to build the Kubernetes peers (tools/go.mod)"; exit 1; }; \
 	  echo "building $(TOOLS) etcd into $(TOOLS_BIN) (the first build takes a while)"; \
 	  mkdir -p $(TOOLS_BIN) && cd tools && \
-	  $(GOENV) go build -trimpath -o $(TOOLS_BIN)/ $(addprefix k8s.io/kubernetes/cmd/,$(TOOLS)) && \
+	  $(GOENV) go build -trimpath -ldflags "$(KUBE_LDFLAGS)" -o $(TOOLS_BIN)/ $(addprefix k8s.io/kubernetes/cmd/,$(TOOLS)) && \
 	  $(GOENV) go build -trimpath -o $(TOOLS_BIN)/etcd go.etcd.io/etcd/server/v3 && \
 	  echo "$$want" > $(TOOLS_BIN)/.pins; \
 	fi

@@ -55,17 +55,23 @@ class ApiError(Exception):
                    str(status.get("message") or status), what)
 
 
+def _status_error(status: int, reason: str, data, what: str) -> ApiError:
+    """The ApiError for an answer other than 2xx, from the Status document it carries."""
+    try:
+        body = json.loads(data or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if isinstance(body, dict) and body.get("kind") == "Status":
+        return ApiError.from_status({**body, "code": body.get("code") or status}, what)
+    text = (data.decode(errors="replace") if isinstance(data, bytes) else str(data or reason)).strip()
+    return ApiError(int(status or 0), str(reason or ""), text, what)
+
+
 def _api_error(e: Exception, what: str) -> ApiError:
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(e, ApiException):
-        try:
-            body = json.loads(e.body or "{}")
-        except (TypeError, ValueError):
-            body = {}
-        if isinstance(body, dict) and body.get("kind") == "Status":
-            return ApiError.from_status({**body, "code": body.get("code") or e.status}, what)
-        return ApiError(int(e.status or 0), str(e.reason or ""), str(e.body or e.reason), what)
+        return _status_error(int(e.status or 0), str(e.reason or ""), e.body, what)
     # urllib3 and socket errors: the server was not reached or the connection broke.
     return ApiError(0, type(e).__name__, str(e), what)
 
@@ -114,15 +120,38 @@ class Kube:
                 what: str = "") -> dict:
         """One request; the decoded JSON answer ({} when empty). Raises ApiError."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        resp = self._send(method, path, query or {}, headers, body, timeout or self.timeout,
+                          what or f"{method} {path}")
         try:
-            resp = self._api.call_api(
-                path, method, query_params=list((query or {}).items()), header_params=headers,
-                body=body, auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=timeout or self.timeout)
             data = resp.data
-        except Exception as e:  # noqa: BLE001 - every failure becomes an ApiError
+        except Exception as e:  # noqa: BLE001 - a connection broken while reading the answer
             raise _api_error(e, what or f"{method} {path}") from None
+        finally:
+            resp.release_conn()
         return json.loads(data) if data else {}
+
+    def _send(self, method: str, path: str, query: dict, headers: dict, body, timeout, what: str):
+        """Sends one request; the urllib3 response, its body not read yet. Raises ApiError
+        when the server was not reached or answered other than 2xx. (The official client's
+        ApiClient, as generated since its move to the new OpenAPI generator (v37 here),
+        builds URL, query and auth headers in param_serialize and sends in call_api, which
+        checks no status.)"""
+        try:
+            method, url, headers, body, _ = self._api.param_serialize(
+                method, path, query_params=list(query.items()), header_params=headers, body=body,
+                auth_settings=["BearerToken"])
+            resp = self._api.call_api(method, url, header_params=headers, body=body,
+                                      _request_timeout=timeout).response
+        except Exception as e:  # noqa: BLE001 - every failure becomes an ApiError
+            raise _api_error(e, what) from None
+        if not 200 <= resp.status < 300:
+            try:
+                data = resp.data
+            except Exception:  # noqa: BLE001 - the Status is a nicety; the code is what counts
+                data = b""
+            resp.release_conn()
+            raise _status_error(resp.status, resp.reason, data, what)
+        return resp
 
     def version(self) -> dict:
         return self.request("GET", "/version")
@@ -214,21 +243,21 @@ class Kube:
             raise
 
     def watch(self, kind: str, resource_version: str, namespace: str | None = None, *,
-              timeout_seconds: int = 300, bookmarks: bool = True) -> "WatchStream":
+              timeout_seconds: int = 300, bookmarks: bool = True, label_selector: str = "",
+              field_selector: str = "") -> "WatchStream":
         """A watch from `resource_version` (exclusive), with bookmarks. The server ends it
-        after `timeout_seconds`; the client gives up reading a minute later."""
+        after `timeout_seconds`; the client gives up reading a minute later. The selectors
+        must be those of the list the resourceVersion came from."""
         res = resource(kind)
         query = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": timeout_seconds}
         if bookmarks:
             query["allowWatchBookmarks"] = "true"
-        try:
-            resp = self._api.call_api(
-                res.path(namespace), "GET", query_params=list(query.items()),
-                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=True,
-                _request_timeout=(self.timeout, timeout_seconds + 60))
-        except Exception as e:  # noqa: BLE001
-            raise _api_error(e, f"watch {res.plural}") from None
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        resp = self._send("GET", res.path(namespace), query, {"Accept": "application/json"}, None,
+                          (self.timeout, timeout_seconds + 60), f"watch {res.plural}")
         return WatchStream(resp, res)
 
 
