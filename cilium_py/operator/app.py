@@ -21,7 +21,6 @@ import threading
 from dataclasses import dataclass, field
 
 from cilium_py.agent.reconcile import Backoff, Reconciler
-from cilium_py.k8s.client import ApiError
 from cilium_py.operator.identitygc import (DEFAULT_GC_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
                                            IdentityGC)
 from cilium_py.operator.ipam import ClusterPool, IPAMController
@@ -43,6 +42,9 @@ class OperatorConfig:
     resync_interval: float = RESYNC_INTERVAL
     install_crds: bool = True
     identity: str | None = None                   # the Lease holder id; default: unique
+    # Limits the CiliumNodes and CiliumIdentities managed to those with these labels: for
+    # tests sharing one API server (no flag; an operator manages the whole cluster).
+    label_selector: str = ""
 
 
 class _Term:
@@ -51,12 +53,15 @@ class _Term:
     def __init__(self, kube, config: OperatorConfig, may_act):
         self.ipam = self.ipam_loop = self.node_watch = None
         if config.pool is not None:
-            self.ipam = IPAMController(kube, config.pool, may_act=may_act)
+            self.ipam = IPAMController(kube, config.pool, may_act=may_act,
+                                       label_selector=config.label_selector)
             self.ipam_loop = Reconciler("operator-ipam", self.ipam.reconcile, ("nodes",),
                                         resync_interval=config.resync_interval)
-            self.node_watch = ChangeWatch(kube, "CiliumNode", self.ipam_loop.bump)
+            self.node_watch = ChangeWatch(kube, "CiliumNode", self.ipam_loop.bump,
+                                          label_selector=config.label_selector)
         self.gc = IdentityGC(kube, interval=config.identity_gc_interval,
-                             heartbeat_timeout=config.identity_heartbeat_timeout, may_act=may_act)
+                             heartbeat_timeout=config.identity_heartbeat_timeout, may_act=may_act,
+                             label_selector=config.label_selector)
 
     def start(self) -> None:
         if self.ipam_loop is not None:
@@ -135,13 +140,13 @@ class Operator:
                 crds.install_crds(self.kube, crds.load_crds())
                 self.crds_installed.set()
                 return
-            except ApiError as e:
+            except Exception as e:  # noqa: BLE001 - ApiError, CRDError, a broken definition
+                if not getattr(e, "retryable", False):
+                    log.error("installing the CRDs failed, going on with what is installed: %s", e)
+                    return
                 delay = backoff.next()
                 log.warning("installing the CRDs failed (%s); again in %.0fs", e, delay)
                 self._stop.wait(delay)
-            except Exception:  # noqa: BLE001 - a broken CRD file: say so, lead without it
-                log.exception("installing the CRDs failed; going on without")
-                return
 
     # -- leading ---------------------------------------------------------------------
 

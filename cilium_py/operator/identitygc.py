@@ -147,12 +147,15 @@ class GCStats:
 class IdentityGC:
     """One run at a time (`run_once`), or a loop every `interval` (`start`/`stop`).
     `may_act` is asked before every write (the leader's time check). `clock` gives wall time:
-    tests pass their own to step through the timeout without waiting for it."""
+    tests pass their own to step through the timeout without waiting for it. `label_selector`
+    limits the CiliumIdentities it manages (tests sharing one API server)."""
 
     def __init__(self, kube, *, interval: float = DEFAULT_GC_INTERVAL,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-                 may_act: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time):
+                 may_act: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time,
+                 label_selector: str = ""):
         self.kube = kube
+        self.label_selector = label_selector
         self.interval = interval
         self.heartbeat_timeout = heartbeat_timeout
         self._may_act = may_act
@@ -174,7 +177,7 @@ class IdentityGC:
             self.stats.last_error = f"identity GC skipped: cannot list CiliumEndpoints: {e}"
             log.warning("%s", self.stats.last_error)
             return None
-        identities, _ = self.kube.list_all("CiliumIdentity")
+        identities, _ = self.kube.list_all("CiliumIdentity", label_selector=self.label_selector)
         now = self._clock() if now is None else now
         return plan((IdentityView.of(d) for d in identities), referenced_identities(endpoints),
                     self.heartbeats, now, self.heartbeat_timeout)

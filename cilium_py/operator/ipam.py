@@ -290,10 +290,13 @@ class IPAMStats:
 class IPAMController:
     """Lists the CiliumNodes, runs the allocator, writes what differs (spec first, then the
     status). Each pass reads the whole list: a write that lost a race (409) is simply redone
-    from the next list. `may_act` is asked before every write (the leader's time check)."""
+    from the next list. `may_act` is asked before every write (the leader's time check).
+    `label_selector` limits the CiliumNodes it manages (tests sharing one API server)."""
 
-    def __init__(self, kube, pool: ClusterPool, *, may_act: Callable[[], bool] = lambda: True):
+    def __init__(self, kube, pool: ClusterPool, *, may_act: Callable[[], bool] = lambda: True,
+                 label_selector: str = ""):
         self.kube = kube
+        self.label_selector = label_selector
         self.allocator = PoolAllocator(pool)
         self._may_act = may_act
         self._lock = threading.Lock()
@@ -302,7 +305,7 @@ class IPAMController:
     def reconcile(self, dirty=None, revision=None) -> None:
         """One pass (the signature of cilium_py.agent.reconcile.Reconciler's callback)."""
         with self._lock:
-            nodes, _ = self.kube.list_all("CiliumNode")
+            nodes, _ = self.kube.list_all("CiliumNode", label_selector=self.label_selector)
             self.stats.passes += 1
             self.allocator.sync(claim_of(n) for n in nodes)
             failures = []

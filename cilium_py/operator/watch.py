@@ -24,8 +24,9 @@ WATCH_TIMEOUT = 300   # seconds the server keeps one watch open
 
 class ChangeWatch:
     def __init__(self, kube, kind: str, on_change: Callable[[], object], *,
-                 watch_timeout: int = WATCH_TIMEOUT):
+                 label_selector: str = "", watch_timeout: int = WATCH_TIMEOUT):
         self.kube, self.kind = kube, kind
+        self.label_selector = label_selector
         self._on_change = on_change
         self.watch_timeout = watch_timeout
         self._stop = threading.Event()
@@ -54,7 +55,8 @@ class ChangeWatch:
         while not self._stop.is_set():
             try:
                 if not version:
-                    page = self.kube.list(self.kind, limit=1)   # only its resourceVersion
+                    page = self.kube.list(self.kind, limit=1,   # only for its resourceVersion
+                                          label_selector=self.label_selector)
                     version = str((page.get("metadata") or {}).get("resourceVersion") or "")
                     self._on_change()   # whatever happened while not watching
                 version = self._watch(version)
@@ -73,7 +75,8 @@ class ChangeWatch:
                 self._stop.wait(self._backoff.next())
 
     def _watch(self, version: str) -> str:
-        stream = self.kube.watch(self.kind, version, timeout_seconds=self.watch_timeout)
+        stream = self.kube.watch(self.kind, version, timeout_seconds=self.watch_timeout,
+                                 label_selector=self.label_selector)
         with self._lock:
             if self._stop.is_set():
                 stream.close()

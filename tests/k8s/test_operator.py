@@ -131,3 +131,196 @@ def test_a_leader_cut_off_stops_before_the_next_one_starts(control_plane, kube, 
     assert poll(lambda: cut_off.elector.observed_holder == standby.identity, 30)
     assert not cut_off.is_leading()
 
+
+
+# -- cluster-pool IPAM on CiliumNodes ------------------------------------------------------
+
+POOL_CIDR = "10.77.0.0/22"     # four /24 blocks
+SCOPE = "ciliumpy.test/scope"  # the label that keeps each test's objects its own
+
+
+@pytest.fixture(scope="module")
+def cilium_crds(control_plane):
+    from cilium_py.operator.crds import install_crds, load_crds
+
+    kube = control_plane.admin()
+    try:
+        install_crds(kube, load_crds())
+    finally:
+        kube.close()
+
+
+@pytest.fixture
+def cilium_nodes(kube):
+    """Creates labelled CiliumNodes (cluster-scoped: deleted after the test)."""
+    created = []
+
+    def make(name: str, scope: str, pod_cidrs=None) -> dict:
+        spec = {"ipam": {"podCIDRs": list(pod_cidrs)}} if pod_cidrs else {}
+        created.append(name)
+        return kube.create("CiliumNode", {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                          "metadata": {"name": name, "labels": {SCOPE: scope}},
+                                          "spec": spec})
+    yield make
+    for name in created:
+        kube.delete("CiliumNode", name, missing_ok=True)
+
+
+def ipam_config(namespace: str, **overrides) -> OperatorConfig:
+    from cilium_py.operator.ipam import ClusterPool
+
+    settings = dict(namespace=namespace, leader_election=ELECTION,
+                    pool=ClusterPool.parse([POOL_CIDR], 24), identity_gc_interval=0,
+                    install_crds=False, resync_interval=1.0, label_selector=f"{SCOPE}={namespace}")
+    settings.update(overrides)
+    return OperatorConfig(**settings)
+
+
+def pod_cidrs(kube, name):
+    return tuple(((kube.get("CiliumNode", name).get("spec") or {}).get("ipam") or {}).get("podCIDRs") or ())
+
+
+def ipam_error(kube, name):
+    from cilium_py.operator.ipam import operator_error
+
+    return operator_error(kube.get("CiliumNode", name))
+
+
+def test_ipam_gives_four_nodes_the_pool_then_reports_exhaustion_and_reuses_a_freed_block(
+        control_plane, kube, namespace, cilium_crds, cilium_nodes, operators):
+    op = Operator(control_plane.admin(), ipam_config(namespace))
+    operators.append(op)
+    op.start()
+    names = [f"{namespace}-n{i}" for i in range(1, 6)]
+    for name in names[:4]:
+        cilium_nodes(name, namespace)
+    assert poll(lambda: all(pod_cidrs(kube, n) for n in names[:4]), 30)
+    given = {n: pod_cidrs(kube, n) for n in names[:4]}
+    assert sorted(c for (c,) in given.values()) == ["10.77.0.0/24", "10.77.1.0/24", "10.77.2.0/24",
+                                                    "10.77.3.0/24"]
+    assert all(ipam_error(kube, n) == "" for n in names[:4])
+
+    cilium_nodes(names[4], namespace)
+    assert poll(lambda: "exhausted" in ipam_error(kube, names[4]), 30)
+    assert pod_cidrs(kube, names[4]) == ()
+    assert POOL_CIDR in ipam_error(kube, names[4])
+
+    freed = given[names[1]]
+    kube.delete("CiliumNode", names[1])
+    assert poll(lambda: pod_cidrs(kube, names[4]) == freed, 30)
+    assert poll(lambda: ipam_error(kube, names[4]) == "", 30)
+
+    # A new leader (this one stopped) rebuilds the allocation from the nodes: nothing moves.
+    op.stop()
+    before = {n: pod_cidrs(kube, n) for n in names if n != names[1]}
+    successor = Operator(control_plane.admin(), ipam_config(namespace))
+    operators.append(successor)
+    successor.start()
+    assert poll(lambda: successor.term is not None and successor.term.ipam.stats.passes >= 2, 30)
+    assert {n: pod_cidrs(kube, n) for n in before} == before
+    assert successor.term.ipam.stats.spec_writes == 0
+
+
+def test_ipam_reports_claims_outside_the_pool_or_clashing_and_leaves_them(
+        control_plane, kube, namespace, cilium_crds, cilium_nodes, operators):
+    first, clash, outside = (f"{namespace}-{s}" for s in ("first", "clash", "outside"))
+    cilium_nodes(first, namespace, ["10.77.2.0/24"])
+    op = Operator(control_plane.admin(), ipam_config(namespace))
+    operators.append(op)
+    op.start()
+    assert poll(lambda: op.term is not None and op.term.ipam.stats.passes >= 1, 30)
+    cilium_nodes(clash, namespace, ["10.77.2.0/24"])
+    cilium_nodes(outside, namespace, ["10.88.0.0/24"])
+    assert poll(lambda: ipam_error(kube, clash) == f"podCIDR 10.77.2.0/24 is already allocated to node {first}", 30)
+    assert poll(lambda: "outside the cluster pool" in ipam_error(kube, outside), 30)
+    assert pod_cidrs(kube, clash) == ("10.77.2.0/24",) and pod_cidrs(kube, outside) == ("10.88.0.0/24",)
+    assert ipam_error(kube, first) == ""
+    assert op.term.ipam.allocator.owners() == {"10.77.2.0/24": first}
+
+
+# -- identity GC ---------------------------------------------------------------------------
+
+HEARTBEAT = "io.cilium.heartbeat"
+
+
+@pytest.fixture
+def identities(kube):
+    """Creates CiliumIdentities with numbers of this test's own (cluster-scoped: deleted after)."""
+    import random
+
+    created = []
+
+    def make(scope: str) -> str:
+        while True:
+            name = str(random.randint(100_000, 16_000_000))
+            try:
+                kube.create("CiliumIdentity", {
+                    "apiVersion": "cilium.io/v2", "kind": "CiliumIdentity",
+                    "metadata": {"name": name, "labels": {SCOPE: scope,
+                                                          "io.kubernetes.pod.namespace": scope}},
+                    "security-labels": {"k8s:app": f"app-{name}",
+                                        "k8s:io.kubernetes.pod.namespace": scope}})
+            except Exception as e:  # noqa: BLE001 - a number taken by someone else: another
+                if getattr(e, "conflict", False):
+                    continue
+                raise
+            created.append(name)
+            return name
+    yield make
+    for name in created:
+        kube.delete("CiliumIdentity", name, missing_ok=True)
+
+
+def endpoint_using(kube, namespace: str, identity: str) -> None:
+    kube.create("CiliumEndpoint", {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumEndpoint",
+        "metadata": {"name": f"pod-{identity}", "namespace": namespace},
+        "status": {"identity": {"id": int(identity)},
+                   "networking": {"addressing": [{"ipv4": "10.77.0.10"}]}}}, namespace)
+
+
+def annotations(kube, name):
+    doc = kube.get_or_none("CiliumIdentity", name)
+    return None if doc is None else (doc["metadata"].get("annotations") or {})
+
+
+def test_identity_gc_deletes_an_unused_identity_after_the_grace_and_keeps_a_referenced_one(
+        control_plane, kube, namespace, cilium_crds, identities, operators):
+    unused, used = identities(namespace), identities(namespace)
+    endpoint_using(kube, namespace, used)
+    op = Operator(control_plane.admin(), OperatorConfig(
+        namespace=namespace, leader_election=ELECTION, pool=None, install_crds=False,
+        identity_gc_interval=0.2, identity_heartbeat_timeout=1.0, label_selector=f"{SCOPE}={namespace}"))
+    operators.append(op)
+    op.start()
+    assert poll(lambda: annotations(kube, unused) is None, 60)
+    stats = op.term.gc.stats
+    assert stats.marked >= 1 and stats.deleted == 1      # marked on one run, deleted on a later one
+    assert stats.runs >= 3
+    assert annotations(kube, used) is not None and HEARTBEAT not in annotations(kube, used)
+
+
+def test_identity_gc_delete_fails_safely_when_an_agent_unmarks_it_meanwhile(
+        control_plane, kube, namespace, cilium_crds, identities):
+    from cilium_py.operator.identitygc import Action, IdentityGC
+
+    name = identities(namespace)
+    gc = IdentityGC(kube, interval=1, heartbeat_timeout=30, label_selector=f"{SCOPE}={namespace}")
+    t0 = time.time()
+    assert gc.run_once(now=t0) == []                        # first sight: alive
+    marked = gc.run_once(now=t0 + 31)
+    assert [(d.action, d.identity.name) for d in marked] == [(Action.MARK, name)]
+    stamp = annotations(kube, name)[HEARTBEAT]
+    assert stamp.endswith("Z") and stamp.startswith(time.strftime("%Y-", time.gmtime(t0 + 31)))
+
+    decisions = gc.plan(now=t0 + 32)
+    assert [(d.action, d.identity.name) for d in decisions] == [(Action.DELETE, name)]
+    # An agent takes a reference meanwhile: it removes the mark (a new resourceVersion).
+    doc = kube.get("CiliumIdentity", name)
+    del doc["metadata"]["annotations"][HEARTBEAT]
+    kube.replace("CiliumIdentity", doc)
+    gc.apply(decisions, now=t0 + 32)
+    assert annotations(kube, name) == {} or HEARTBEAT not in annotations(kube, name)
+    assert gc.stats.conflicts == 1 and gc.stats.deleted == 0
+    # The agent's change counts as alive: the next run decides nothing.
+    assert gc.run_once(now=t0 + 33) == []
