@@ -3,6 +3,10 @@ CiliumNodes, identity GC on CiliumIdentities and CiliumEndpoints."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -91,6 +95,34 @@ def test_one_leader_and_a_released_lease_is_taken_over_at_once(control_plane, ku
                                                      + before["leaseDurationSeconds"])
     assert watch.overlaps == 0 and watch.samples > 0
     print(f"\nhandover after a release: {handover:.2f}s")
+
+
+def test_the_command_leads_and_releases_the_lease_on_sigterm(control_plane, kube, namespace, cilium_crds):
+    argv = [sys.executable, "-m", "cilium_py.cli.main", "operator", "--kubeconfig",
+            control_plane.admin_kubeconfig, "--namespace", namespace,
+            "--leader-election-lease-duration", "3s", "--leader-election-renew-deadline", "2s",
+            "--leader-election-retry-period", "250ms", "--identity-gc-interval", "0"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo}
+
+    def holder():
+        return lease_spec(kube, namespace)["holderIdentity"] if kube.get_or_none(
+            "Lease", LEASE_NAME, namespace) else None
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The holder identity is hostname_pid_random: this process's.
+        assert poll(lambda: f"_{proc.pid}_" in (holder() or "") or proc.poll() is not None, 60)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read()
+    assert holder() == "", output          # released on the way out
+    assert "started leading" in output and "stopped leading: stopping" in output
 
 
 def test_a_leader_cut_off_stops_before_the_next_one_starts(control_plane, kube, namespace, proxy,
@@ -188,9 +220,10 @@ def ipam_error(kube, name):
 
 def test_ipam_gives_four_nodes_the_pool_then_reports_exhaustion_and_reuses_a_freed_block(
         control_plane, kube, namespace, cilium_crds, cilium_nodes, operators):
-    op = Operator(control_plane.admin(), ipam_config(namespace))
+    op = Operator(control_plane.admin(), ipam_config(namespace, install_crds=True))
     operators.append(op)
     op.start()
+    assert poll(op.crds_installed.is_set, 60)   # installed already: found unchanged
     names = [f"{namespace}-n{i}" for i in range(1, 6)]
     for name in names[:4]:
         cilium_nodes(name, namespace)
