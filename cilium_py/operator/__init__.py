@@ -1,2 +1,4 @@
-"""The operator: what no single node may decide (CRD installation, pod CIDRs per node,
-identity garbage collection), done by one leader per cluster."""
+"""The operator: what no single node may decide for the cluster, done by one leader per
+cluster (`leader`, a Lease): the CustomResourceDefinitions it installs (`crds`, generated
+from `schemas`), pod CIDRs per CiliumNode (`ipam`, cluster pool) and CiliumIdentity garbage
+collection (`identitygc`); `app` runs them, `watch` prompts its passes."""
