@@ -232,6 +232,7 @@ def test_ipam_gives_four_nodes_the_pool_then_reports_exhaustion_and_reuses_a_fre
     assert sorted(c for (c,) in given.values()) == ["10.77.0.0/24", "10.77.1.0/24", "10.77.2.0/24",
                                                     "10.77.3.0/24"]
     assert all(ipam_error(kube, n) == "" for n in names[:4])
+    assert op.term.node_watch.events >= 4     # the watch prompted passes, not only the resync
 
     cilium_nodes(names[4], namespace)
     assert poll(lambda: "exhausted" in ipam_error(kube, names[4]), 30)
