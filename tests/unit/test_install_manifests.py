@@ -296,3 +296,9 @@ def test_operator_may_update_exactly_our_crds():
     assert shipped == list(rbac.CRD_NAMES)
     [update] = [a for a in rbac.OPERATOR.cluster if a.kind == "CustomResourceDefinition" and "update" in a.verbs]
     assert update.names == rbac.CRD_NAMES
+
+
+def test_operator_lease_is_the_one_its_role_names():
+    from cilium_py.operator.leader import LEASE_NAME
+
+    assert rbac.OPERATOR_LEASE == LEASE_NAME
