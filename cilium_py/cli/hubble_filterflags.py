@@ -39,10 +39,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from fractions import Fraction
 
 from google.protobuf import json_format
 
+from cilium_py.cli.durations import DURATION, parse_go_duration
 from cilium_py.datapath.reasons import MESSAGE_TYPES, TRACE_POINTS
 from cilium_py.hubble.api.flow import flow_pb2 as F
 from cilium_py.hubble.api.observer import observer_pb2 as O
@@ -462,31 +462,20 @@ def format_raw_filters(whitelist: Sequence[F.FlowFilter], blacklist: Sequence[F.
 
 # -- times --------------------------------------------------------------------------------
 
-_UNITS_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
-             "h": 3600 * 10**9}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
-
-
 def parse_duration(flag: str, value: str) -> int:
     """Go duration syntax ("5m", "1h30m", "1.5s", "300ms") -> nanoseconds, > 0."""
-    pos, total = 0, Fraction(0)
-    while pos < len(value):
-        m = _DURATION_PART.match(value, pos)
-        if not m:
-            break
-        total += Fraction(m.group(1)) * _UNITS_NS[m.group(2)]
-        pos = m.end()
-    if not value or pos != len(value):
-        raise FlagError(flag, value, "expected a duration like 10s, 5m, 1h30m")
+    try:
+        total = parse_go_duration(value)
+    except ValueError as e:
+        raise FlagError(flag, value, str(e)) from None
     if total <= 0:
         raise FlagError(flag, value, "duration must be positive")
-    return int(total)
+    return total
 
 
 def parse_time(flag: str, value: str, now_ns: int | None = None) -> int:
     """`--since` / `--until`: a duration back from now, or an RFC3339 timestamp -> Unix ns."""
-    if _DURATION.fullmatch(value):
+    if DURATION.fullmatch(value):
         return (time.time_ns() if now_ns is None else now_ns) - parse_duration(flag, value)
     try:
         dt = datetime.fromisoformat(value)

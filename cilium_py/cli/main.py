@@ -10,6 +10,7 @@ from cilium_py.cli.agentapi import endpoint, identity, policy, status
 from cilium_py.cli.bpf import bpf
 from cilium_py.cli.lab import lab
 from cilium_py.cli.monitor import monitor
+from cilium_py.cli.operator import operator
 from cilium_py.cli.service import lb, service
 
 
@@ -28,6 +29,7 @@ cli.add_command(identity)
 cli.add_command(policy)
 cli.add_command(lab)
 cli.add_command(service)
+cli.add_command(operator)
 bpf.add_command(lb)
 
 if __name__ == "__main__":

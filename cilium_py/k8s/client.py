@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 
 from cilium_py.k8s.resources import ApiResource, resource
@@ -276,6 +277,14 @@ class WatchStream:
 
     def close(self) -> None:
         self.closed = True
+        # Closing the response does not wake a thread blocked reading the TLS socket;
+        # shutting the socket down does (the connection is not reused after this).
+        sock = getattr(getattr(self._resp, "_connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self._resp.close()
             self._resp.release_conn()

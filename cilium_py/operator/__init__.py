@@ -1,3 +1,4 @@
-"""The operator: what no single node may decide for the cluster. Today the CustomResource
-Definitions it installs (`crds`, generated from `schemas`); identity GC, cluster-pool IPAM and
-the leader lease build on them."""
+"""The operator: what no single node may decide for the cluster, done by one leader per
+cluster (`leader`, a Lease): the CustomResourceDefinitions it installs (`crds`, generated
+from `schemas`), pod CIDRs per CiliumNode (`ipam`, cluster pool) and CiliumIdentity garbage
+collection (`identitygc`); `app` runs them, `watch` prompts its passes."""

@@ -40,14 +40,18 @@ def test_break_connections_ends_a_running_watch(control_plane, kube, namespace, 
     client = Kube(proxy.write_kubeconfig(control_plane.admin_kubeconfig, str(tmp_path / "proxied")))
     try:
         _, rv = client.list_all("ConfigMap", namespace)
-        stream = client.watch("ConfigMap", rv, namespace, timeout_seconds=60)
+        # A server-side timeout far beyond the test's: only the break can end this watch.
+        stream = client.watch("ConfigMap", rv, namespace, timeout_seconds=3600)
         kube.create("ConfigMap", {"apiVersion": "v1", "kind": "ConfigMap",
                                   "metadata": {"name": "one", "namespace": namespace}})
         events = iter(stream)
         assert next(events)["object"]["metadata"]["name"] == "one"
         assert proxy.break_connections() >= 1
-        with pytest.raises((ApiError, StopIteration)):
-            next(events)
+        try:
+            for _ in events:  # whatever was already buffered, then the end of the stream
+                pass
+        except ApiError as e:
+            assert e.status == 0  # the connection broke; the server refused nothing
     finally:
         client.close()
 
