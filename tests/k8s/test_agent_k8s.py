@@ -284,3 +284,15 @@ def test_kube_apiserver_endpoints_and_entity(kube, agent, node_name, pods_allowe
     finally:
         kube.delete("EndpointSlice", slice_name, "default", missing_ok=True)
     assert poll(lambda: agent.control.backend.ipcache.identity("10.230.0.10") is None, TIMEOUT)
+
+
+def test_an_identity_in_use_that_is_deleted_is_created_again(kube, agent, node_name, pods_allowed):
+    ns = pods_allowed
+    kube.create("Pod", pod(ns, "api", node_name, app="api"))
+    assert poll(lambda: (cep_status(kube, ns, "api") or {}).get("state") == "ready", TIMEOUT)
+    number = str(kube.get("CiliumEndpoint", "api", ns)["status"]["identity"]["id"])
+    labels = kube.get("CiliumIdentity", number)["security-labels"]
+    kube.delete("CiliumIdentity", number)
+    assert poll(lambda: (kube.get_or_none("CiliumIdentity", number) or {}).get("security-labels") == labels,
+                TIMEOUT), "the same number with the same labels"
+    assert agent.control.endpoints[f"{ns}/api"].identity == int(number)
