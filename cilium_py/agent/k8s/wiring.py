@@ -36,10 +36,6 @@ SYNC_TIMEOUT = 120.0        # seconds to wait for the first list of every kind
 POD_CIDR_TIMEOUT = 300.0    # seconds to wait for the operator's pod CIDR
 
 
-class KubernetesModeError(RuntimeError):
-    pass
-
-
 class KubernetesMode:
     """`control_config`: the control plane's settings except what the CiliumNode gives
     (pod_cidr, router_ip: given ones win); `backend_for(router_ip)` builds its NodeBackend;
@@ -147,4 +143,4 @@ def _kubernetes_source(kube, store: Store, node_name: str):
     return KubernetesSource(kube, store, node_name=node_name)
 
 
-__all__ = ["KubernetesMode", "KubernetesModeError"]
+__all__ = ["KubernetesMode"]
