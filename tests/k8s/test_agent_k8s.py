@@ -296,3 +296,15 @@ def test_an_identity_in_use_that_is_deleted_is_created_again(kube, agent, node_n
     assert poll(lambda: (kube.get_or_none("CiliumIdentity", number) or {}).get("security-labels") == labels,
                 TIMEOUT), "the same number with the same labels"
     assert agent.control.endpoints[f"{ns}/api"].identity == int(number)
+
+
+def test_an_identity_in_use_marked_for_deletion_is_unmarked(kube, agent, node_name, pods_allowed):
+    ns = pods_allowed
+    kube.create("Pod", pod(ns, "cache", node_name, app="cache"))
+    assert poll(lambda: (cep_status(kube, ns, "cache") or {}).get("state") == "ready", TIMEOUT)
+    number = str(kube.get("CiliumEndpoint", "cache", ns)["status"]["identity"]["id"])
+    marked = kube.get("CiliumIdentity", number)
+    marked["metadata"].setdefault("annotations", {})["io.cilium.heartbeat"] = "2026-01-01T00:00:00.000000000Z"
+    kube.replace("CiliumIdentity", marked)
+    assert poll(lambda: "io.cilium.heartbeat" not in
+                (kube.get("CiliumIdentity", number)["metadata"].get("annotations") or {}), TIMEOUT)

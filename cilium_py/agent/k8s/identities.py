@@ -28,8 +28,9 @@ Acquiring a label set nobody on this node holds yet:
 
 An adopted identity carrying the operator's `io.cilium.heartbeat` annotation (marked for
 deletion, cluster-facts 4.2) is un-marked by an update, which also makes a concurrent
-GC delete (preconditioned on the resourceVersion) fail. An identity this node holds that
-disappears from the cluster is created again under the same number.
+GC delete (preconditioned on the resourceVersion) fail; so is an identity this node holds
+when the store shows it marked. An identity this node holds that disappears from the
+cluster is created again under the same number.
 
 Releasing the last reference only forgets the identity locally: other nodes may use it;
 the operator's GC deletes identities no CiliumEndpoint refers to.
@@ -147,6 +148,11 @@ class CRDIdentityAllocator:
             return
         if new is not None:
             self._learn(new.identity, dict(new.security_labels))
+            if new.heartbeat:
+                with self._lock:
+                    held = new.identity in self._refs
+                if held:   # marked for deletion while this node uses it: un-mark it
+                    self._restorer.mark(RESTORE, new.identity)
             return
         with self._lock:
             held = old.identity in self._refs
@@ -289,21 +295,28 @@ class CRDIdentityAllocator:
     def _adopt(self, ident: int, labels: dict, key: str, doc: dict | None = None) -> int:
         """Uses an existing identity; un-marks it when the GC marked it for deletion."""
         self.adopted += 1
+        if not self._unmark(ident, doc):
+            # Deleted between finding and adopting: allocate from scratch.
+            with self._lock:
+                self._forget(ident)
+            return self._allocate(labels, key)
+        return ident
+
+    def _unmark(self, ident: int, doc: dict | None = None) -> bool:
+        """Removes the GC's heartbeat mark from the identity if it has one (an update, so a
+        GC delete preconditioned on the marked version fails). False if it does not exist."""
         for _ in range(5):
             doc = doc if doc is not None else self.kube.get_or_none(KIND, str(ident))
             if doc is None:
-                # Deleted between finding and adopting: allocate from scratch.
-                with self._lock:
-                    self._forget(ident)
-                return self._allocate(labels, key)
+                return False
             annotations = (doc.get("metadata") or {}).get("annotations") or {}
             if HEARTBEAT_ANNOTATION not in annotations:
-                return ident
+                return True
             del annotations[HEARTBEAT_ANNOTATION]
             try:
                 self.kube.replace(KIND, doc)
                 log.info("identity %d was marked for deletion; un-marked", ident)
-                return ident
+                return True
             except ApiError as e:
                 if not (e.conflict or e.not_found):
                     raise
@@ -311,7 +324,8 @@ class CRDIdentityAllocator:
         raise ApiError(409, "Conflict", f"CiliumIdentity {ident} kept changing while being un-marked")
 
     def _restore(self, dirty: dict, revision: int) -> None:
-        """Re-creates held identities that were deleted in the cluster (same number)."""
+        """Held identities as they must be in the cluster: re-created (same number) when
+        deleted, un-marked when the GC marked them."""
         for ident in sorted(dirty[RESTORE]):
             with self._lock:
                 if ident not in self._refs:
@@ -320,13 +334,14 @@ class CRDIdentityAllocator:
             if labels is None:
                 continue
             try:
-                self.kube.create(KIND, identity_object(ident, labels))
-                log.info("re-created CiliumIdentity %d", ident)
+                if not self._unmark(ident):
+                    self.kube.create(KIND, identity_object(ident, labels))
+                    log.info("re-created CiliumIdentity %d", ident)
             except ApiError as e:
                 if e.conflict:
                     continue   # back already (the store will say with which labels)
                 self._restorer.requeue(RESTORE, ident)
-                log.warning("cannot re-create CiliumIdentity %d: %s", ident, e)
+                log.warning("cannot restore CiliumIdentity %d: %s", ident, e)
 
     # -- node-local CIDR identities: never in the API ----------------------------------------
 
