@@ -239,10 +239,12 @@ class KubeControlPlane:
                 "kube-controller-manager",
                 self._controller_manager_argv(paths["kube-controller-manager"], kcm_kubeconfig),
                 self._log("kube-controller-manager"))
-            self._start(self.etcd, self._etcd_healthy, ETCD_TIMEOUT, "did not report healthy")
-            self.start_apiserver()
-            self._start(self.controller_manager, self._default_service_account, CONTROLLER_MANAGER_TIMEOUT,
-                        "did not create the default ServiceAccount")
+            self.timings["etcd"] = self._start(self.etcd, self._etcd_healthy, ETCD_TIMEOUT,
+                                               "did not report healthy")
+            self.timings["kube-apiserver"] = self.start_apiserver()
+            self.timings["kube-controller-manager"] = self._start(
+                self.controller_manager, self._default_service_account, CONTROLLER_MANAGER_TIMEOUT,
+                "did not create the default ServiceAccount")
         except BaseException:
             self.stop()
             raise
@@ -261,10 +263,11 @@ class KubeControlPlane:
         would. etcd and the data stay."""
         self._started(self.apiserver).stop(timeout=2.0)
 
-    def start_apiserver(self) -> None:
-        """Starts kube-apiserver (again, on the same port and data) and waits for /readyz."""
-        self._start(self._started(self.apiserver), self._apiserver_ready, APISERVER_TIMEOUT,
-                    "did not become ready")
+    def start_apiserver(self) -> float:
+        """Starts kube-apiserver (again, on the same port and data) and waits for /readyz;
+        seconds it took."""
+        return self._start(self._started(self.apiserver), self._apiserver_ready, APISERVER_TIMEOUT,
+                           "did not become ready")
 
     def restart_apiserver(self) -> float:
         """Stops and starts kube-apiserver on the same port with the same data; seconds it
@@ -276,7 +279,7 @@ class KubeControlPlane:
         self.timings["kube-apiserver restart"] = took = time.monotonic() - began
         return took
 
-    def _start(self, component: Component, ready, timeout: float, what: str) -> None:
+    def _start(self, component: Component, ready, timeout: float, what: str) -> float:
         began = time.monotonic()
         component.spawn()
         deadline = began + timeout
@@ -287,7 +290,7 @@ class KubeControlPlane:
             if time.monotonic() > deadline:
                 raise component.failure(f"{what} within {timeout:.0f} s")
             pause.wait(0.05)
-        self.timings[component.name] = time.monotonic() - began
+        return time.monotonic() - began
 
     @staticmethod
     def _started(component: Component | None) -> Component:
@@ -347,6 +350,14 @@ class KubeControlPlane:
         # A range over a key nobody writes: only the header, which carries the revision.
         answer = self._etcd_post("/v3/kv/range", {"key": base64.b64encode(b"\0").decode()})
         return int(answer["header"]["revision"])
+
+    def etcd_get(self, key: str, revision: int | None = None) -> dict:
+        """etcd's answer to a range over one key (at `revision`, when given): raises
+        ControlPlaneError for a revision compacted away. For tests of compaction."""
+        body = {"key": base64.b64encode(key.encode()).decode()}
+        if revision is not None:
+            body["revision"] = str(revision)
+        return self._etcd_post("/v3/kv/range", body)
 
     def compact_etcd(self) -> int:
         """Compacts etcd's history up to its current revision (physically); returns the
