@@ -106,6 +106,21 @@ def test_restart_keeps_the_data(control_plane, kube, namespace):
     assert kube.get("ConfigMap", "kept", namespace)["metadata"]["uid"] == created["metadata"]["uid"]
 
 
+def test_a_graceful_restart_ends_watches_cleanly_and_a_crash_breaks_them(control_plane, kube, namespace):
+    # Nothing carries the label: the controllers' own writes in the namespace stay out.
+    quiet = "ciliumpy.test/none=1"
+    _, rv = kube.list_all("ConfigMap", namespace, label_selector=quiet)
+    graceful = kube.watch("ConfigMap", rv, namespace, timeout_seconds=120, label_selector=quiet)
+    control_plane.restart_apiserver()
+    assert [e["type"] for e in graceful if e["type"] != "BOOKMARK"] == []  # ended, no error
+    _, rv = kube.list_all("ConfigMap", namespace, label_selector=quiet)
+    crashed = kube.watch("ConfigMap", rv, namespace, timeout_seconds=120, label_selector=quiet)
+    control_plane.restart_apiserver(crash=True)
+    with pytest.raises(ApiError) as broken:
+        list(crashed)
+    assert broken.value.status == 0 and broken.value.retryable
+
+
 def test_compaction_forgets_older_revisions_in_etcd(control_plane, kube, namespace):
     old = kube.create("ConfigMap", _config_map(namespace, "old"))
     revision = int(old["metadata"]["resourceVersion"])
