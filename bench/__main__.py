@@ -21,7 +21,7 @@ import traceback
 from bench.common import BPFFS, TOKEN, Result
 
 BENCHMARKS = ("prog_cost", "endpoint_create", "agent_start", "throughput", "policy_resolution",
-              "policy_change", "lab_up", "hubble", "maglev", "kpr")
+              "policy_change", "lab_up", "hubble", "maglev", "kpr", "k8s_watch")
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "met")
 

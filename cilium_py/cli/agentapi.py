@@ -4,6 +4,7 @@ policy. (`ciliumpy bpf ...` reads the maps instead and works without an agent.)"
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -49,6 +50,7 @@ def status(node, run_dir, output):
     store_errors = s["store"]["errors"]
     click.echo(f"Store:              {s['store']['source']}: {s['store']['objects']} objects, "
                f"{len(store_errors)} rejected")
+    _print_kubernetes(s.get("kubernetes"))
     click.echo(f"Controller Status:  {len(controllers) - len(failing)}/{len(controllers)} healthy")
     for name, c in failing.items():
         click.echo(f"  {name}: {c['failures']} failures, last error: {c['last_error']}")
@@ -74,6 +76,44 @@ def status(node, run_dir, output):
         click.echo(f"Metrics ({name}):" + " " * max(1, 10 - len(name)) + f"http://{address}/metrics")
     for err in store_errors:
         click.echo(f"  rejected: {err['source']}: {err['object']}: {err['field']}: {err['message']}")
+
+
+def _print_kubernetes(kube: dict | None, now: float | None = None) -> None:
+    """The API server and, per resource, the connection state and how fresh it is."""
+    if not kube:
+        return
+    api = kube.get("api_server") or {}
+    resources = kube.get("resources") or {}
+    watched = {k: r for k, r in resources.items() if r.get("state") != "skipped"}
+    synced = sum(1 for r in watched.values() if r.get("synced"))
+    version = api.get("version") or f"version unknown ({api.get('version_error') or 'not asked yet'})"
+    health = "Ok  " if synced == len(watched) else "Warn"
+    click.echo(f"Kubernetes:         {health} {version} at {api.get('host', '?')}, "
+               f"{synced}/{len(watched)} resources synced")
+    now = time.time() if now is None else now
+    width = max((len(k) for k in resources), default=0)
+    for kind, r in resources.items():
+        if r.get("state") == "skipped":
+            click.echo(f"  {kind:<{width}}  skipped    ({r.get('last_error', '')})")
+            continue
+        last = r.get("last_event")
+        age = f"last event {_age(now - last)} ago" if last else "no event yet"
+        line = (f"  {kind:<{width}}  {r['state']:<9}  rv {r.get('resource_version') or '-'}, "
+                f"{r.get('events', 0)} events, {age}, {r.get('relists', 0)} relists")
+        if r.get("rejected"):
+            line += f", {r['rejected']} rejected"
+        if r.get("last_error"):
+            line += f"; last error: {r['last_error']}"
+        click.echo(line)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
 
 
 def _print_kpr(kpr: dict | None) -> None:

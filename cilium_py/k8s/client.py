@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 
 from cilium_py.k8s.resources import ApiResource, resource
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+# Every write asks the server to refuse unknown fields instead of pruning them (its default
+# for other clients): a pruned field inside a policy rule (a misspelt fromEndpoints, say)
+# would silently widen that rule.
+STRICT = "Strict"
 
 _RETRYABLE_STATUS = {0, 408, 429, 500, 502, 503, 504}
 
@@ -208,7 +213,7 @@ class Kube:
                dry_run: bool = False) -> dict:
         res = resource(kind)
         ns = namespace if namespace is not None else (body.get("metadata") or {}).get("namespace")
-        query = {"dryRun": "All"} if dry_run else None
+        query = {"fieldValidation": STRICT, **({"dryRun": "All"} if dry_run else {})}
         name = (body.get("metadata") or {}).get("name", "")
         return self.request("POST", res.path(ns), body=body, query=query, what=f"create {_what(res, ns, name)}")
 
@@ -218,13 +223,13 @@ class Kube:
         meta = body.get("metadata") or {}
         ns, name = meta.get("namespace"), meta["name"]
         return self.request("PUT", res.path(ns, name, subresource), body=body,
-                            what=f"update {_what(res, ns, name)}")
+                            query={"fieldValidation": STRICT}, what=f"update {_what(res, ns, name)}")
 
     def patch(self, kind: str, name: str, patch, namespace: str | None = None, *,
               subresource: str | None = None, content_type: str = MERGE_PATCH) -> dict:
         res = resource(kind)
         return self.request("PATCH", res.path(namespace, name, subresource), body=patch,
-                            content_type=content_type, what=f"patch {_what(res, namespace, name)}")
+                            query={"fieldValidation": STRICT}, content_type=content_type, what=f"patch {_what(res, namespace, name)}")
 
     def delete(self, kind: str, name: str, namespace: str | None = None, *,
                preconditions: dict | None = None, missing_ok: bool = False) -> dict:
@@ -272,6 +277,14 @@ class WatchStream:
 
     def close(self) -> None:
         self.closed = True
+        # Closing the response does not wake a thread blocked reading the TLS socket;
+        # shutting the socket down does (the connection is not reused after this).
+        sock = getattr(getattr(self._resp, "_connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self._resp.close()
             self._resp.release_conn()

@@ -15,7 +15,10 @@ from cilium_py.agent import objects
 from cilium_py.agent.errors import InvalidObject
 from cilium_py.agent.objects import (
     CiliumClusterwideNetworkPolicy,
+    CiliumEndpoint,
+    CiliumIdentity,
     CiliumNetworkPolicy,
+    CiliumNode,
     ContainerPort,
     EndpointSlice,
     Namespace,
@@ -64,12 +67,20 @@ def docs() -> dict[str, dict]:
         "CiliumClusterwideNetworkPolicy": {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
                                            "metadata": {"name": "ccnp"},
                                            "spec": {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]}},
+        "CiliumIdentity": {"apiVersion": "cilium.io/v2", "kind": "CiliumIdentity", "metadata": {"name": "300"},
+                           "security-labels": {"k8s:app": "web"}},
+        "CiliumEndpoint": {"apiVersion": "cilium.io/v2", "kind": "CiliumEndpoint",
+                           "metadata": {"name": "web", "namespace": "prod"},
+                           "status": {"identity": {"id": 300}, "networking": {"addressing": [{"ipv4": "10.244.1.5"}]}}},
+        "CiliumNode": {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "n1"},
+                       "spec": {"ipam": {"podCIDRs": ["10.244.1.0/24"]}}},
     }
 
 
 CLASSES = {"Namespace": Namespace, "Node": Node, "Pod": Pod, "Service": Service, "EndpointSlice": EndpointSlice,
            "NetworkPolicy": NetworkPolicy, "CiliumNetworkPolicy": CiliumNetworkPolicy,
-           "CiliumClusterwideNetworkPolicy": CiliumClusterwideNetworkPolicy}
+           "CiliumClusterwideNetworkPolicy": CiliumClusterwideNetworkPolicy, "CiliumIdentity": CiliumIdentity,
+           "CiliumEndpoint": CiliumEndpoint, "CiliumNode": CiliumNode}
 
 
 def test_every_supported_kind_has_one_parser():

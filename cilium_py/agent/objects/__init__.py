@@ -17,6 +17,16 @@ from collections.abc import Callable
 
 from cilium_py.agent.errors import InvalidObject
 from cilium_py.agent.objects.base import DEFAULT_NAMESPACE, Key, Labels, Resource, describe, fail
+from cilium_py.agent.objects.cilium import (
+    CiliumEndpoint,
+    CiliumIdentity,
+    CiliumNode,
+    CiliumNodeAddress,
+    NamedPort,
+    parse_cilium_endpoint,
+    parse_cilium_identity,
+    parse_cilium_node,
+)
 from cilium_py.agent.objects.core import (
     ContainerPort,
     Namespace,
@@ -51,10 +61,14 @@ from cilium_py.agent.objects.service import (
 Parser = Callable[..., Resource]
 
 # kind -> its parser, in the order a controller wants them applied: a pod's namespace and
-# the policies that select it are stored before the pod.
+# the policies that select it are stored before the pod, and the identities that remote
+# endpoints carry before those endpoints.
 PARSERS: dict[str, Parser] = {
     "Namespace": parse_namespace,
     "Node": parse_node,
+    "CiliumNode": parse_cilium_node,
+    "CiliumIdentity": parse_cilium_identity,
+    "CiliumEndpoint": parse_cilium_endpoint,
     "CiliumClusterwideNetworkPolicy": parse_cilium_clusterwide_network_policy,
     "CiliumNetworkPolicy": parse_cilium_network_policy,
     "NetworkPolicy": parse_network_policy,
@@ -63,7 +77,8 @@ PARSERS: dict[str, Parser] = {
     "Pod": parse_pod,
 }
 CLASSES: dict[str, type[Resource]] = {
-    "Namespace": Namespace, "Node": Node, **POLICY_CLASSES, "Service": Service,
+    "Namespace": Namespace, "Node": Node, "CiliumNode": CiliumNode,
+    "CiliumIdentity": CiliumIdentity, "CiliumEndpoint": CiliumEndpoint, **POLICY_CLASSES, "Service": Service,
     "EndpointSlice": EndpointSlice, "Pod": Pod,
 }
 KIND_ORDER = {kind: i for i, kind in enumerate(PARSERS)}
@@ -85,9 +100,11 @@ def parse_object(doc, source: str, where: str = "object") -> Resource:
 
 __all__ = [
     "CLASSES", "DEFAULT_NAMESPACE", "KIND_ORDER", "PARSERS", "SERVICE_NAME_LABEL",
-    "CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy", "ContainerPort", "EndpointSlice",
+    "CiliumClusterwideNetworkPolicy", "CiliumEndpoint", "CiliumIdentity", "CiliumNetworkPolicy",
+    "CiliumNode", "CiliumNodeAddress", "ContainerPort", "EndpointSlice", "NamedPort",
     "InvalidObject", "Key", "Labels", "Namespace", "NetworkPolicy", "Node", "NodeAddress", "Pod",
     "Policy", "Resource", "Service", "ServicePort", "SliceEndpoint", "SlicePort", "describe",
-    "parse_cilium_clusterwide_network_policy", "parse_cilium_network_policy", "parse_endpoint_slice",
+    "parse_cilium_clusterwide_network_policy", "parse_cilium_endpoint", "parse_cilium_identity",
+    "parse_cilium_network_policy", "parse_cilium_node", "parse_endpoint_slice",
     "parse_namespace", "parse_network_policy", "parse_node", "parse_object", "parse_pod", "parse_service",
 ]
