@@ -39,6 +39,7 @@ node namespace of its own.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import ctypes
 import json
 import os
@@ -117,9 +118,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # A test run killed hard must not leave an API server behind on a shared machine. The
-    # signal follows the thread that started the process: start from a long-lived one.
+    # A test run killed hard must not leave an API server behind on a shared machine.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# PDEATHSIG fires when the *thread* that forked the child ends, not the process: a restart
+# from a short-lived thread (a test's client thread, say) would take the API server with
+# it. So every component is forked by this one thread, which lives as long as the process.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kube-spawner")
 
 
 class Component:
@@ -142,9 +148,9 @@ class Component:
         with open(self.log, "ab") as out:
             out.write(f"==== ciliumpy: start {self.starts}: {' '.join(self.argv)}\n".encode())
             out.flush()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent).result()
 
     def stop(self, timeout: float = STOP_TIMEOUT, *, kill: bool = False) -> None:
         """SIGTERM, SIGKILL once `timeout` has passed (at once with `kill`); idempotent."""
