@@ -77,6 +77,11 @@ class ControlPlaneConfig:
     lab: bool = False          # adopt pods without nodeName (their listeners: the lab's hooks)
     node_ips: tuple = ()
     policy_map_max: int = 16384  # --bpf-policy-map-max: entries one endpoint may have
+    node_name: str = ""        # the pods' spec.nodeName on this node ("": the datapath's node)
+
+    @property
+    def pod_node_name(self) -> str:
+        return self.node_name or self.datapath.node
 
 
 def pod_ports(pod: Pod) -> tuple[dict, list]:
@@ -85,12 +90,16 @@ def pod_ports(pod: Pod) -> tuple[dict, list]:
 
 class ControlPlane:
     def __init__(self, config: ControlPlaneConfig, store: Store, backend: NodeBackend | None = None,
-                 hooks: EndpointHooks | None = None):
+                 hooks: EndpointHooks | None = None, identities=None):
+        """`identities`: the allocator (IdentityAllocator's interface); by default the
+        node's file-backed one. In Kubernetes mode the agent passes the CiliumIdentity one
+        (agent/k8s/identities.py)."""
         self.config = config
         self.store = store
         self.hooks = hooks or EndpointHooks()
         os.makedirs(config.state_dir, exist_ok=True)
-        self.identities = IdentityAllocator(os.path.join(config.state_dir, "identities.json"))
+        self.identities = identities if identities is not None else IdentityAllocator(
+            os.path.join(config.state_dir, "identities.json"))
         self.ipam = IPAM(config.pod_cidr, reserved=[config.router_ip],
                          state_file=os.path.join(config.state_dir, "ipam.json"))
         self.repo = PolicyRepository()
@@ -114,7 +123,9 @@ class ControlPlane:
         self._first_run = True
         self._cidr_ids: dict[ipaddress.IPv4Network, int] = {}
         self._cidr_prefixes_seen: frozenset = frozenset()
-        self._released_labels: dict[int, dict] = {}  # identities gone in this regeneration
+        # The identities (id -> labels) the last pass resolved against: what came or went
+        # since, by this node's pods or (Kubernetes mode) other nodes', is the difference.
+        self._identities_seen: dict[int, dict] = {}
         self._lock = threading.RLock()
         store.subscribe(self._on_change)
 
@@ -134,6 +145,10 @@ class ControlPlane:
             self.reconciler.mark(PODS, f"{res.namespace}/{res.name}")
         elif res.kind == "Namespace":
             self.reconciler.mark(NAMESPACES, res.name)
+        elif res.kind == "CiliumIdentity":
+            # Another node's identity came or went: the next pass sees it in the allocator
+            # (which indexes these objects) and resolves the rules whose peers it matches.
+            self.reconciler.bump()
         # Services, EndpointSlices and Nodes are the service manager's
 
     def _on_policy(self, event: str, res: Resource) -> set:
@@ -154,7 +169,7 @@ class ControlPlane:
 
     def _is_ours(self, pod: Pod) -> bool:
         assigned = pod.node_name
-        return assigned == self.config.datapath.node or (assigned is None and self.config.lab)
+        return assigned == self.config.pod_node_name or (assigned is None and self.config.lab)
 
     def _node_pods(self) -> dict[str, Resource]:
         return {f"{p.namespace}/{p.name}": p for p in self.store.list("Pod") if self._is_ours(p)}
@@ -210,7 +225,6 @@ class ControlPlane:
                 self._remove_stale(key)  # left by an agent that stopped before the pod went away
         dirty_pods |= {k for k in pods if k.split("/")[0] in namespaces}
 
-        before = set(self.identities.all())
         to_resolve: set[str] = set()
         for key in dirty_pods:
             if key not in pods:
@@ -224,8 +238,9 @@ class ControlPlane:
                 self._endpoint_failed(key, f"endpoint: {e}")
                 log.exception("endpoint %s failed; retrying", key)
         identities = self.identities.all()
-        changed_ids = before ^ set(identities)
-        changed_labels = [identities.get(i) or self._released_labels.get(i) for i in changed_ids]
+        seen = self._identities_seen
+        changed_ids = set(seen) ^ set(identities)
+        changed_labels = [identities.get(i) or seen.get(i) for i in changed_ids]
         subjects = set(selectors) | self._subjects_with_peers([l for l in changed_labels if l])
         # A CIDR peer or the world entity covers every CIDR identity the repository names,
         # including those of other policies: when that set moves, their endpoints must be
@@ -241,7 +256,7 @@ class ControlPlane:
         # After the policy pass: an endpoint serves (is a backend) only once it is ready.
         for listener in self.endpoint_listeners:
             listener(dirty_pods | readiness_moved)
-        self._released_labels.clear()
+        self._identities_seen = identities
         # Allocations a previous agent persisted but no pod claimed on this run.
         self.identities.forget_unused()
         if full:
@@ -343,7 +358,6 @@ class ControlPlane:
         self.controllers.pop(f"endpoint-{key}", None)
 
     def _release_identity(self, ep: LocalEndpoint) -> None:
-        self._released_labels[ep.identity] = ep.labels
         self.identities.release(ep.labels)
 
     def _remove_stale(self, key: str) -> None:

@@ -59,8 +59,13 @@ class AgentConfig:
     gc_interval: float = defaults.CT_GC_INTERVAL
     node_ips: tuple[str, ...] = ()  # the node's own addresses: reserved:host in the ipcache
     manifests: str = ""             # directory of YAML the manifests source watches
-    pod_cidr: str = ""              # this node's pod addresses (manifests mode)
-    router_ip: str = ""             # the pods' gateway, on cilium_host (manifests mode)
+    # Kubernetes mode (instead of the manifests source): the API server from `kubeconfig`,
+    # or in-cluster when empty; this node's name there (default: the datapath's node).
+    kubernetes: bool = False
+    kubeconfig: str = ""
+    k8s_node_name: str = ""
+    pod_cidr: str = ""              # this node's pod addresses (Kubernetes mode: from its CiliumNode)
+    router_ip: str = ""             # the pods' gateway, on cilium_host (Kubernetes mode: from the pod CIDR)
     state_dir: str = ""             # identities, IPAM; survives restarts and reboots
     lab: bool = False               # lab mode: pods without nodeName are ours
     # What runs beside each endpoint, given the run paths (the lab's listeners, passed in by
@@ -103,6 +108,7 @@ class Agent:
         self._metrics_servers = []
         self.metrics_addresses: dict[str, str] = {}
         self.ipcache: IPCache | None = None  # the process's one ipcache writer
+        self.kubernetes = None               # Kubernetes mode (agent/k8s/wiring.py)
 
     def start(self) -> None:
         cfg = self.config
@@ -127,7 +133,9 @@ class Agent:
         self.gc = ConntrackGC(cfg.datapath.pin_dir, cfg.gc_interval)
         self.gc.start()
         self.monitor.start()
-        if cfg.manifests:
+        if cfg.kubernetes:
+            self._start_kubernetes()
+        elif cfg.manifests:
             self._start_control_plane()
         try:
             self._start_observability()
@@ -162,6 +170,38 @@ class Agent:
         self.control.start()
         self.services = start_services(cfg, self.store, self.control)
         self.source.start()
+
+    def _start_kubernetes(self) -> None:
+        """Kubernetes mode: the source, identities, CiliumEndpoints, policy status and the
+        CiliumNode (agent/k8s/); services as in manifests mode, from the same store."""
+        from cilium_py.agent.k8s.node import NodeRegistrationError
+        from cilium_py.agent.k8s.wiring import KubernetesMode
+        from cilium_py.k8s.client import ApiError, Kube
+
+        cfg = self.config
+        if cfg.manifests:
+            raise AgentError("--manifests and Kubernetes mode exclude each other: give one source")
+        if not cfg.state_dir:
+            raise AgentError("Kubernetes mode needs --state-dir (CIDR identities and IP allocations)")
+        try:
+            kube = Kube(cfg.kubeconfig or None)
+        except Exception as e:  # noqa: BLE001 - the client's configuration errors vary
+            where = cfg.kubeconfig or "the in-cluster service account"
+            raise AgentError(f"cannot configure the Kubernetes client from {where}: {e}") from None
+        self.kubernetes = KubernetesMode(
+            kube, ControlPlaneConfig(
+                datapath=cfg.datapath, node_netns=cfg.node_netns, router_ip=cfg.router_ip,
+                pod_cidr=cfg.pod_cidr, state_dir=cfg.state_dir, lab=cfg.lab, node_ips=cfg.node_ips,
+                policy_map_max=cfg.datapath.policy_map_max),
+            node_name=cfg.k8s_node_name or cfg.datapath.node,
+            backend_for=lambda router_ip: kernel_backend(cfg.datapath, cfg.node_netns, router_ip, self.ipcache),
+            hooks=self._endpoint_hooks())
+        try:
+            self.control = self.kubernetes.start()
+        except (ApiError, NodeRegistrationError) as e:
+            raise AgentError(f"Kubernetes mode: {e}") from None
+        self.store, self.source = self.kubernetes.store, self.kubernetes.source
+        self.services = start_services(cfg, self.store, self.control)
 
     def _endpoint_hooks(self):
         factory = self.config.endpoint_hooks
@@ -223,8 +263,10 @@ class Agent:
                     pass
 
     def sync_sources(self) -> int:
-        """Reads the manifests now; returns the revision that covers what they hold."""
-        self.source.sync_once()
+        """Reads the manifests now (a Kubernetes source is always current: its watches
+        deliver as changes happen); returns the revision that covers what the store holds."""
+        if self.kubernetes is None:
+            self.source.sync_once()
         self.store.wait_idle(10.0)
         return self.control.revision
 
@@ -249,7 +291,11 @@ class Agent:
             controllers = {name: vars(c) for name, c in sorted(control.controllers.items())}
         if self.services is not None:
             controllers["service-sync"] = vars(self.services.controller_status)
-        source = "manifests directory " + self.config.manifests if self.config.manifests else "none"
+        if self.kubernetes is not None:
+            controllers.update((name, vars(c)) for name, c in sorted(self.kubernetes.controllers.items()))
+            source = f"kubernetes API server {self.kubernetes.kube.host}"
+        else:
+            source = "manifests directory " + self.config.manifests if self.config.manifests else "none"
         return {
             "node": self.config.datapath.node,
             "datapath": {"bpf_root": pin, "events": self.config.datapath.events,
@@ -270,6 +316,7 @@ class Agent:
             "hubble": self.hubble.status() if self.hubble else {"enabled": False},
             "metrics": dict(self.metrics_addresses),
             "kube_proxy_replacement": kpr_status(self.config, self.services),
+            **({"kubernetes": self.kubernetes.status()} if self.kubernetes is not None else {}),
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
 
@@ -314,6 +361,8 @@ class Agent:
         if os.path.exists(self.config.paths.ready_file):
             os.unlink(self.config.paths.ready_file)
         self.api.stop()
+        if self.kubernetes is not None:
+            self.kubernetes.stop()   # the source, the control plane's loop and the writers
         if self.source:
             self.source.stop()
         if self.services:
@@ -333,6 +382,9 @@ class Agent:
         if self.gc:
             self.gc.stop()
         self.monitor.stop()
+        if self.kubernetes is not None:
+            self.kubernetes.store.close()
+            self.kubernetes.kube.close()
         if self.ipcache is not None:
             self.ipcache.map.close()
             self.ipcache = None

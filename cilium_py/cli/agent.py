@@ -78,6 +78,17 @@ def _socket_lb_options(cgroup_root: str, bpf_lb_sock: bool | None) -> dict:
     return {"cgroup_root": cgroup_root, "bpf_lb_sock": bpf_lb_sock is not False}
 
 
+def _kubernetes_mode(manifests: str, kubeconfig: str) -> bool:
+    """Kubernetes mode with a kubeconfig, or in a pod (the in-cluster configuration) unless a
+    manifests directory is the source."""
+    import os
+
+    if manifests and kubeconfig:
+        raise click.BadParameter("give either --manifests or an API server, not both",
+                                 param_hint="--k8s-kubeconfig-path")
+    return bool(kubeconfig) or (not manifests and bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+
+
 def _lab_listeners(paths):
     """In lab mode each pod gets a listener standing in for its containers."""
     from cilium_py.lab.listeners import LabListeners
@@ -157,8 +168,16 @@ def _lb_config(bpf_lb_algorithm, bpf_lb_maglev_table_size, bpf_lb_maglev_hash_se
               show_default=True)
 @click.option("--manifests", type=click.Path(file_okay=False), default="",
               help="directory of Kubernetes YAML to enforce (the manifests source)")
-@click.option("--pod-cidr", default="", help="this node's pod CIDR (manifests mode)")
-@click.option("--router-ip", default="", help="the pods' gateway on cilium_host (manifests mode)")
+@click.option("--k8s-kubeconfig-path", default="",
+              help="kubeconfig of the API server: Kubernetes mode (the API server instead of "
+                   "--manifests; in a pod, the service account's in-cluster configuration is used)")
+@click.option("--k8s-node-name", envvar="K8S_NODE_NAME", default="",
+              help="this node's name in Kubernetes  [default: --node; env K8S_NODE_NAME]")
+@click.option("--pod-cidr", default="",
+              help="this node's pod CIDR (manifests mode; in Kubernetes mode it overrides the "
+                   "operator's and is written to the CiliumNode)")
+@click.option("--router-ip", default="",
+              help="the pods' gateway on cilium_host  [Kubernetes mode: the pod CIDR's first address]")
 @click.option("--state-dir", default="", help="where identities and IP allocations persist")
 @click.option("--lab", is_flag=True, help="lab mode: adopt pods without nodeName, start listeners")
 @click.option("--enable-hubble/--disable-hubble", default=True, show_default=True,
@@ -185,7 +204,8 @@ def _lb_config(bpf_lb_algorithm, bpf_lb_maglev_table_size, bpf_lb_maglev_hash_se
 def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_ct_global_tcp_max,
           bpf_ct_global_any_max, bpf_ct_timeout_regular_tcp, bpf_ct_timeout_regular_tcp_syn,
           bpf_ct_timeout_regular_tcp_fin, bpf_ct_timeout_regular_any, bpf_policy_map_max,
-          conntrack_gc_interval, events, monitor_aggregation, manifests, pod_cidr, router_ip, state_dir, lab,
+          conntrack_gc_interval, events, monitor_aggregation, manifests, k8s_kubeconfig_path,
+          k8s_node_name, pod_cidr, router_ip, state_dir, lab,
           enable_hubble, hubble_socket_path, hubble_listen_address, hubble_event_buffer_capacity,
           hubble_metrics, hubble_metrics_server, prometheus_serve_addr, cgroup_root, bpf_lb_sock,
           service_no_backend_response, bpf_lb_acceleration, verbose, **lb_options):
@@ -196,6 +216,7 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lb_datapath, lb_agent = _lb_config(**lb_options)
+    kubernetes = _kubernetes_mode(manifests, k8s_kubeconfig_path)
     datapath = DatapathConfig(
         node=node, bpf_root=bpf_root, ct_global_tcp_max=bpf_ct_global_tcp_max,
         ct_global_any_max=bpf_ct_global_any_max, ct_timeout_tcp=bpf_ct_timeout_regular_tcp,
@@ -205,7 +226,8 @@ def agent(node, bpf_root, run_dir, node_netns, devices, xdp_mode, node_ips, bpf_
         lb_acceleration=bpf_lb_acceleration, policy_map_max=bpf_policy_map_max, **lb_datapath)
     config = AgentConfig(datapath=datapath, node_netns=node_netns, devices=tuple(devices),
                          xdp_mode=xdp_mode, run_dir=run_dir, gc_interval=conntrack_gc_interval,
-                         node_ips=tuple(node_ips), manifests=manifests, pod_cidr=pod_cidr,
+                         node_ips=tuple(node_ips), manifests=manifests, kubernetes=kubernetes,
+                         kubeconfig=k8s_kubeconfig_path, k8s_node_name=k8s_node_name, pod_cidr=pod_cidr,
                          router_ip=router_ip, state_dir=state_dir, lab=lab,
                          endpoint_hooks=_lab_listeners if lab else None,
                          hubble=_hubble_config(enable_hubble, hubble_socket_path or

@@ -51,6 +51,7 @@ def status(node, run_dir, output):
     click.echo(f"Store:              {s['store']['source']}: {s['store']['objects']} objects, "
                f"{len(store_errors)} rejected")
     _print_kubernetes(s.get("kubernetes"))
+    _print_kubernetes_writes(s.get("kubernetes"))
     click.echo(f"Controller Status:  {len(controllers) - len(failing)}/{len(controllers)} healthy")
     for name, c in failing.items():
         click.echo(f"  {name}: {c['failures']} failures, last error: {c['last_error']}")
@@ -105,6 +106,28 @@ def _print_kubernetes(kube: dict | None, now: float | None = None) -> None:
         if r.get("last_error"):
             line += f"; last error: {r['last_error']}"
         click.echo(line)
+
+
+def _print_kubernetes_writes(kube: dict | None) -> None:
+    """What the agent keeps in the API server: its CiliumNode, identities, CiliumEndpoints
+    and the policies' Valid condition."""
+    if not kube or "ciliumnode" not in kube:
+        return
+    node = kube["ciliumnode"]
+    state = "Ok  " if node["state"] == "ready" else "Warn"
+    click.echo(f"CiliumNode:         {state} {node['name']}: {node['message']}")
+    ids = kube.get("identities") or {}
+    click.echo(f"CiliumIdentities:   {ids.get('held', 0)} used here, {ids.get('known', 0)} in the cluster "
+               f"({ids.get('created', 0)} created, {ids.get('adopted', 0)} adopted)")
+    ceps = kube.get("ciliumendpoints") or {}
+    click.echo(f"CiliumEndpoints:    {ceps.get('in_sync', 0)}/{ceps.get('endpoints', 0)} written, "
+               f"{kube.get('remote_endpoints', 0)} remote addresses")
+    for pod, error in (ceps.get("errors") or {}).items():
+        click.echo(f"  {pod}: {error}")
+    policies = kube.get("policy_status") or {}
+    click.echo(f"Policy status:      {policies.get('valid', 0)} valid, {policies.get('invalid', 0)} invalid")
+    for name, error in (policies.get("errors") or {}).items():
+        click.echo(f"  {name}: {error}")
 
 
 def _age(seconds: float) -> str:

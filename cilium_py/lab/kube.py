@@ -1,53 +1,86 @@
-"""A real Kubernetes control plane on loopback for the tests and the lab: etcd,
+"""A real Kubernetes control plane on this machine for the k8s tests and the lab: etcd,
 kube-apiserver and kube-controller-manager, built by `make setup` from the versions pinned
-in tools/go.mod (into cilium_py.defaults.TOOLS_BIN).
+in tools/go.mod (into cilium_py.defaults.TOOLS_BIN). Each is a child process known by its
+pid, logging into a file under the workdir, listening on 127.0.0.1 only.
 
 What it sets up, and why:
 
-* Certificates made here (cryptography): a CA, the API server's serving certificate for
-  127.0.0.1/localhost signed by it, and the service-account signing key pair. Clients
-  verify the server with the CA, as in a real cluster.
-* Authentication by static tokens (`--token-auth-file`): an admin in `system:masters` for
-  the tests and kube-controller-manager as `system:kube-controller-manager`. Components we
-  test (agent, operator) use real ServiceAccount tokens from the TokenRequest API
-  (`kubeconfig_for_service_account`), so RBAC judges them (`--authorization-mode=Node,RBAC`).
-* Everything listens on 127.0.0.1 on free ports. The API server advertises 127.0.0.1,
-  which Endpoints validation refuses (loopback), so its own endpoint reconciler is off
-  (`--endpoint-reconciler-type=none`) and the `default/kubernetes` service has no
-  endpoints here: what the agent learns from them is tested where the API server runs in a
-  node namespace (the cluster issue).
-* kube-controller-manager runs only the controllers the agent relies on: EndpointSlices,
-  namespace deletion, service accounts and their tokens, garbage collection (ownerReferences
-  of CiliumEndpoints) and the root CA publisher.
+* Certificates (cilium_py.lab.kubepki): one CA; the API server's serving certificate for
+  127.0.0.1/localhost (so a loopback proxy on another port verifies too); client
+  certificates for the admin (O=system:masters) and for kube-controller-manager
+  (CN=system:kube-controller-manager, which the bootstrap RBAC roles name); the
+  service-account key pair. Components under test (agent, operator) authenticate with real
+  ServiceAccount tokens from the TokenRequest API (`kubeconfig_for_service_account`), so
+  RBAC judges them (`--authorization-mode=Node,RBAC`).
+* kube-controller-manager runs only what ciliumpy relies on: EndpointSlices, namespace
+  deletion, service accounts and their tokens, garbage collection (ownerReferences) and
+  the root CA publisher; each controller with its own service-account credentials. It
+  serves nothing (`--secure-port=0`): start() knows it works when the `default`
+  ServiceAccount appears.
+
+The advertise address. kube-apiserver publishes it as the endpoints of the `kubernetes`
+Service (default/kubernetes Endpoints and EndpointSlice), which Cilium reads to give the API
+server its `kube-apiserver` identity, so the tests want them real. Left unset,
+kube-apiserver picks the address of the default-route interface: the machine's shared
+uplink, which we must not use. 127.0.0.1, the address it really listens on, is refused:
+Endpoints validation rejects loopback ("may not be in the loopback range"), the endpoint
+reconciler fails every 10 s and neither the Endpoints nor the EndpointSlice ever exist.
+Turning the reconciler off (`--endpoint-reconciler-type=none`) leaves them missing too.
+Giving the server an address of its own would mean adding one to a root-namespace device,
+which the safety rules forbid. So the server advertises ADVERTISE_ADDRESS (10.243.0.1): on
+no interface, outside the lab's pod (10.244/16) and uplink (10.245/16) ranges, the service
+range and the documentation ranges tests use as "world". The reconciler then runs exactly as
+in a cluster (a lease, Endpoints and an EndpointSlice naming 10.243.0.1 and the secure
+port), and nothing is reachable there: clients use 127.0.0.1 through their kubeconfig,
+never the `kubernetes` ClusterIP. A lab that wants the address reachable can put it in a
+node namespace of its own.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
+import base64
+import concurrent.futures
+import ctypes
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 
 from cilium_py import defaults
+from cilium_py.lab.kubepki import Pki, make_pki
 
-ADMIN_TOKEN_USER = "ciliumpy-admin"
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+ADVERTISE_ADDRESS = "10.243.0.1"
+ADMIN_USER = "ciliumpy-admin"
+
+# What ciliumpy's tests and lab need of kube-controller-manager (its names as of 1.35).
 CONTROLLERS = ("endpointslice-controller", "namespace-controller", "serviceaccount-controller",
                "serviceaccount-token-controller", "garbage-collector-controller",
                "root-ca-certificate-publisher-controller")
 
+ETCD_TIMEOUT = 30.0
+APISERVER_TIMEOUT = 90.0
+CONTROLLER_MANAGER_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+WATCH_DRAIN_SECONDS = 2
+LOG_TAIL_LINES = 30
+TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+
 
 class ControlPlaneError(RuntimeError):
-    pass
+    """The control plane cannot start: a peer is not built, or a component did not come up
+    (the message carries the tail of its log). Retrying does not help without a change."""
 
 
 def tool(name: str) -> str:
+    """The path of a peer built by `make setup`; ControlPlaneError naming it when missing."""
     path = os.path.join(defaults.TOOLS_BIN, name)
     if not os.access(path, os.X_OK):
         raise ControlPlaneError(f"{path} is missing: run `make setup` (it builds the peers pinned "
@@ -56,6 +89,7 @@ def tool(name: str) -> str:
 
 
 def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,148 +101,125 @@ def _write(path: str, data: bytes, mode: int = 0o600) -> str:
     return path
 
 
-def make_certificates(directory: str) -> dict[str, str]:
-    """CA, serving certificate for 127.0.0.1 and localhost, service-account key pair."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
-
-    def pem_key(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ciliumpy-lab-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("10.96.0.1"))]
-    serving = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-               .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
-               .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-               .sign(ca_key, hashes.SHA256()))
-    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = serialization.Encoding.PEM
-    return {
-        "ca": _write(os.path.join(directory, "ca.crt"), ca.public_bytes(pem), 0o644),
-        "cert": _write(os.path.join(directory, "apiserver.crt"), serving.public_bytes(pem), 0o644),
-        "key": _write(os.path.join(directory, "apiserver.key"), pem_key(key)),
-        "sa_key": _write(os.path.join(directory, "sa.key"), pem_key(sa_key)),
-        "sa_pub": _write(os.path.join(directory, "sa.pub"), sa_key.public_key().public_bytes(
-            pem, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644),
-    }
-
-
-def write_kubeconfig(path: str, server: str, ca_file: str, token: str, user: str = "user") -> str:
+def write_kubeconfig(path: str, server: str, ca_file: str, credentials: dict, user: str) -> str:
+    """A kubeconfig for one user; `credentials` is its `user` stanza ({"token": ..} or
+    {"client-certificate": .., "client-key": ..})."""
     config = {
         "apiVersion": "v1", "kind": "Config", "current-context": "ciliumpy",
         "clusters": [{"name": "ciliumpy", "cluster": {"server": server, "certificate-authority": ca_file}}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": "ciliumpy", "context": {"cluster": "ciliumpy", "user": user}}],
     }
     # JSON is YAML: every kubeconfig reader takes it.
-    _write(path, json.dumps(config, indent=1).encode())
-    return path
+    return _write(path, json.dumps(config, indent=1).encode())
 
 
-@dataclass
-class _Process:
-    name: str
-    argv: list[str]
-    log: str
-    proc: subprocess.Popen | None = None
+_PR_SET_PDEATHSIG = 1
 
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # A test run killed hard must not leave an API server behind on a shared machine.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# PDEATHSIG fires when the *thread* that forked the child ends, not the process: a restart
+# from a short-lived thread (a test's client thread, say) would take the API server with
+# it. So every component is forked by this one thread, which lives as long as the process.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kube-spawner")
+
+
+class Component:
+    """One process of the control plane: its command line, its log file, its pid."""
+
+    def __init__(self, name: str, argv: list[str], log: str):
+        self.name, self.argv, self.log = name, argv, log
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None:
+    def spawn(self) -> None:
+        self.starts += 1
+        with open(self.log, "ab") as out:
+            out.write(f"==== ciliumpy: start {self.starts}: {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent).result()
+
+    def stop(self, timeout: float = STOP_TIMEOUT, *, kill: bool = False) -> None:
+        """SIGTERM, SIGKILL once `timeout` has passed (at once with `kill`); idempotent."""
+        proc = self.proc
+        if proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                proc.kill()
+                proc.wait()
         self.proc = None
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
-            with open(self.log, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+            with open(self.log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 32 * 1024))
+                text = f.read().decode(errors="replace")
+        except OSError as e:
+            return f"(no log: {e})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def failure(self, what: str) -> ControlPlaneError:
+        state = ("still running" if self.running() else
+                 f"exited with status {self.proc.returncode}" if self.proc else "not started")
+        return ControlPlaneError(f"{self.name} {what} ({state}); last lines of {self.log}:\n{self.log_tail()}")
 
 
-@dataclass
 class KubeControlPlane:
-    workdir: str
-    timings: dict[str, float] = field(default_factory=dict)
+    """etcd + kube-apiserver + kube-controller-manager under `workdir` (certificates, etcd
+    data, kubeconfigs, one log per component). start() returns once the API server is ready
+    and the controller manager has made the `default` ServiceAccount; stop() ends the
+    processes it started, by pid, and may be called any number of times.
 
-    def __post_init__(self):
-        os.makedirs(self.workdir, exist_ok=True)
-        self.etcd_port, self.etcd_peer_port = free_port(), free_port()
-        self.api_port, self.kcm_port = free_port(), free_port()
+    `timings` holds the seconds each component took to be ready at the last (re)start
+    ("etcd", "kube-apiserver", "kube-controller-manager"), "total" for start() and
+    "kube-apiserver restart" for the last restart_apiserver()."""
+
+    def __init__(self, workdir: str, *, advertise_address: str = ADVERTISE_ADDRESS):
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, mode=0o700, exist_ok=True)
+        self.advertise_address = advertise_address
+        self.etcd_port, self.etcd_peer_port, self.api_port = free_port(), free_port(), free_port()
+        self.api_host = "127.0.0.1"
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.etcd_url = f"http://127.0.0.1:{self.etcd_port}"
-        self.admin_token = os.urandom(16).hex()
-        self._kcm_token = os.urandom(16).hex()
         self.admin_kubeconfig = os.path.join(self.workdir, "admin.kubeconfig")
-        self._processes: dict[str, _Process] = {}
-        self.certs: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+        self.pki: Pki | None = None
+        self.etcd: Component | None = None
+        self.apiserver: Component | None = None
+        self.controller_manager: Component | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ca_file(self) -> str:
+        return self.pki.ca.cert
+
+    @property
+    def start_seconds(self) -> float:
+        return self.timings.get("total", 0.0)
+
+    def components(self) -> list[Component]:
+        return [c for c in (self.etcd, self.apiserver, self.controller_manager) if c is not None]
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> "KubeControlPlane":
-        started = time.monotonic()
-        try:
-            self.certs = make_certificates(self.workdir)
-            _write(os.path.join(self.workdir, "tokens.csv"),
-                   f'{self.admin_token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},"system:masters"\n'
-                   f'{self._kcm_token},system:kube-controller-manager,system:kube-controller-manager\n'.encode())
-            write_kubeconfig(self.admin_kubeconfig, self.server, self.certs["ca"], self.admin_token, "admin")
-            kcm_kubeconfig = write_kubeconfig(os.path.join(self.workdir, "kcm.kubeconfig"), self.server,
-                                              self.certs["ca"], self._kcm_token, "kcm")
-            self._processes = {
-                "etcd": _Process("etcd", self._etcd_argv(), os.path.join(self.workdir, "etcd.log")),
-                "kube-apiserver": _Process("kube-apiserver", self._apiserver_argv(),
-                                           os.path.join(self.workdir, "kube-apiserver.log")),
-                "kube-controller-manager": _Process("kube-controller-manager", self._kcm_argv(kcm_kubeconfig),
-                                                    os.path.join(self.workdir, "kube-controller-manager.log")),
-            }
-            self._start("etcd", self._etcd_healthy, 30)
-            self._start("kube-apiserver", self._apiserver_ready, 90)
-            self._start("kube-controller-manager", self._kcm_healthy, 60)
-        except BaseException:
-            self.stop()
-            raise
-        self.timings["total"] = time.monotonic() - started
-        return self
-
-    def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            process = self._processes.get(name)
-            if process is not None:
-                process.stop()
 
     def __enter__(self) -> "KubeControlPlane":
         return self.start()
@@ -216,39 +227,97 @@ class KubeControlPlane:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def stop_apiserver(self) -> None:
-        # A graceful stop drains the long-running watches for many seconds; a test that
-        # stops the API server wants it gone, as a crash would.
-        self._processes["kube-apiserver"].stop(timeout=2.0)
+    def start(self) -> "KubeControlPlane":
+        paths = {name: tool(name) for name in TOOLS}
+        began = time.monotonic()
+        try:
+            pki = self.pki = make_pki(os.path.join(self.workdir, "pki"))
+            self.timings["certificates"] = time.monotonic() - began
+            write_kubeconfig(self.admin_kubeconfig, self.server, pki.ca.cert,
+                             {"client-certificate": pki.admin.cert, "client-key": pki.admin.key}, ADMIN_USER)
+            kcm_kubeconfig = write_kubeconfig(
+                os.path.join(self.workdir, "controller-manager.kubeconfig"), self.server, pki.ca.cert,
+                {"client-certificate": pki.controller_manager.cert, "client-key": pki.controller_manager.key},
+                "system:kube-controller-manager")
+            self.etcd = Component("etcd", self._etcd_argv(paths["etcd"]), self._log("etcd"))
+            self.apiserver = Component("kube-apiserver", self._apiserver_argv(paths["kube-apiserver"]),
+                                       self._log("kube-apiserver"))
+            self.controller_manager = Component(
+                "kube-controller-manager",
+                self._controller_manager_argv(paths["kube-controller-manager"], kcm_kubeconfig),
+                self._log("kube-controller-manager"))
+            self.timings["etcd"] = self._start(self.etcd, self._etcd_healthy, ETCD_TIMEOUT,
+                                               "did not report healthy")
+            self.timings["kube-apiserver"] = self.start_apiserver()
+            self.timings["kube-controller-manager"] = self._start(
+                self.controller_manager, self._default_service_account, CONTROLLER_MANAGER_TIMEOUT,
+                "did not create the default ServiceAccount")
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = time.monotonic() - began
+        return self
 
-    def start_apiserver(self) -> None:
-        self._start("kube-apiserver", self._apiserver_ready, 90)
+    def stop(self) -> None:
+        """The controller manager first and etcd last, so none outlives what it talks to."""
+        with self._lock:
+            for component in reversed(self.components()):
+                component.stop()
 
-    def restart_apiserver(self) -> None:
-        """Stops and starts kube-apiserver on the same port (same data): its watch cache
-        starts over, so a watch from an older resourceVersion can get 410 Gone."""
-        self.stop_apiserver()
+    def stop_apiserver(self, *, crash: bool = False) -> None:
+        """Stops kube-apiserver; etcd and the data stay. Gracefully by default, as a rolling
+        restart does: open watches end cleanly (their streams just stop) within
+        WATCH_DRAIN_SECONDS. With `crash`, SIGKILL: connections break mid-stream."""
+        self._started(self.apiserver).stop(kill=crash)
+
+    def start_apiserver(self) -> float:
+        """Starts kube-apiserver (again, on the same port and data) and waits for /readyz;
+        seconds it took."""
+        return self._start(self._started(self.apiserver), self._apiserver_ready, APISERVER_TIMEOUT,
+                           "did not become ready")
+
+    def restart_apiserver(self, *, crash: bool = False) -> float:
+        """Stops (see stop_apiserver) and starts kube-apiserver on the same port with the
+        same data; seconds it took. Its watch cache starts over, so a watch from an older
+        resourceVersion can get 410 Gone."""
+        began = time.monotonic()
+        self.stop_apiserver(crash=crash)
         self.start_apiserver()
+        self.timings["kube-apiserver restart"] = took = time.monotonic() - began
+        return took
 
-    def compact_etcd(self) -> int:
-        """Compacts etcd's history up to its current revision; returns the revision."""
-        status = self._etcd_post("/v3/kv/range", {"key": "AA=="})
-        revision = int(status["header"]["revision"])
-        self._etcd_post("/v3/kv/compaction", {"revision": revision, "physical": True})
-        return revision
+    def _start(self, component: Component, ready, timeout: float, what: str) -> float:
+        began = time.monotonic()
+        component.spawn()
+        deadline = began + timeout
+        pause = threading.Event()
+        while not ready():
+            if not component.running():
+                raise component.failure("exited during start")
+            if time.monotonic() > deadline:
+                raise component.failure(f"{what} within {timeout:.0f} s")
+            pause.wait(0.05)
+        return time.monotonic() - began
+
+    @staticmethod
+    def _started(component: Component | None) -> Component:
+        if component is None:
+            raise ControlPlaneError("the control plane was never started: call start() first")
+        return component
 
     # -- clients ---------------------------------------------------------------------
 
-    def admin(self):
+    def admin(self, **kwargs):
+        """A cilium_py.k8s.client.Kube with cluster-admin rights (system:masters)."""
         from cilium_py.k8s.client import Kube
 
-        return Kube(self.admin_kubeconfig)
+        return Kube(self.admin_kubeconfig, **kwargs)
 
-    def kubeconfig_for_service_account(self, namespace: str, name: str, path: str | None = None,
-                                       expiration_seconds: int = 3600) -> str:
-        """A kubeconfig holding a real token of ServiceAccount namespace/name (created when
-        missing), from the TokenRequest API."""
+    def service_account_token(self, namespace: str, name: str, expiration_seconds: int = 3600) -> str:
+        """A real token of ServiceAccount namespace/name (created when missing), from the
+        TokenRequest API."""
         from cilium_py.k8s.client import ApiError
+        from cilium_py.k8s.resources import resource
 
         kube = self.admin()
         try:
@@ -259,97 +328,127 @@ class KubeControlPlane:
                 if not e.conflict:
                     raise
             answer = kube.request(
-                "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+                "POST", resource("ServiceAccount").path(namespace, name, "token"),
                 body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                      "spec": {"expirationSeconds": expiration_seconds}})
+                      "spec": {"expirationSeconds": expiration_seconds}},
+                what=f"TokenRequest for ServiceAccount {namespace}/{name}")
         finally:
             kube.close()
+        return answer["status"]["token"]
+
+    def kubeconfig_for_service_account(self, namespace: str, name: str, path: str | None = None,
+                                       expiration_seconds: int = 3600) -> str:
+        """Writes a kubeconfig that authenticates as ServiceAccount namespace/name with a
+        bearer token (and trusts our CA); returns its path."""
+        token = self.service_account_token(namespace, name, expiration_seconds)
         path = path or os.path.join(self.workdir, f"sa-{namespace}-{name}.kubeconfig")
-        return write_kubeconfig(path, self.server, self.certs["ca"], answer["status"]["token"],
-                                f"{namespace}-{name}")
+        return write_kubeconfig(path, self.server, self.ca_file, {"token": token},
+                                f"system:serviceaccount:{namespace}:{name}")
 
     def kubectl(self, *args: str, kubeconfig: str | None = None, input: str | None = None,
-                check: bool = False) -> subprocess.CompletedProcess:
+                check: bool = False, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """kubectl against this control plane, for tests and the lab (never library code)."""
         return subprocess.run([tool("kubectl"), "--kubeconfig", kubeconfig or self.admin_kubeconfig, *args],
-                              input=input, capture_output=True, text=True, check=check, timeout=120)
+                              input=input, capture_output=True, text=True, check=check, timeout=timeout)
 
-    # -- internals -------------------------------------------------------------------
+    # -- etcd ------------------------------------------------------------------------
 
-    def _etcd_argv(self) -> list[str]:
-        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        return [tool("etcd"), "--name", "ciliumpy", "--data-dir", os.path.join(self.workdir, "etcd-data"),
-                "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"ciliumpy={peer}", "--listen-metrics-urls", "",
-                "--log-level", "warn"]
+    def etcd_revision(self) -> int:
+        # A range over a key nobody writes: only the header, which carries the revision.
+        answer = self._etcd_post("/v3/kv/range", {"key": base64.b64encode(b"\0").decode()})
+        return int(answer["header"]["revision"])
 
-    def _apiserver_argv(self) -> list[str]:
-        c = self.certs
-        return [tool("kube-apiserver"), "--etcd-servers", self.etcd_url,
-                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-                "--secure-port", str(self.api_port), "--endpoint-reconciler-type", "none",
-                "--tls-cert-file", c["cert"], "--tls-private-key-file", c["key"],
-                "--client-ca-file", c["ca"], "--token-auth-file", os.path.join(self.workdir, "tokens.csv"),
-                "--service-account-issuer", "https://kubernetes.default.svc",
-                "--service-account-key-file", c["sa_pub"], "--service-account-signing-key-file", c["sa_key"],
-                "--service-cluster-ip-range", SERVICE_CIDR, "--authorization-mode", "Node,RBAC",
-                "--allow-privileged=true", "--cert-dir", os.path.join(self.workdir, "apiserver-certs"),
-                "--v", "1"]
+    def etcd_get(self, key: str, revision: int | None = None) -> dict:
+        """etcd's answer to a range over one key (at `revision`, when given): raises
+        ControlPlaneError for a revision compacted away. For tests of compaction."""
+        body = {"key": base64.b64encode(key.encode()).decode()}
+        if revision is not None:
+            body["revision"] = str(revision)
+        return self._etcd_post("/v3/kv/range", body)
 
-    def _kcm_argv(self, kubeconfig: str) -> list[str]:
-        return [tool("kube-controller-manager"), "--kubeconfig", kubeconfig,
-                "--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig,
-                "--bind-address", "127.0.0.1", "--secure-port", str(self.kcm_port),
-                "--controllers", ",".join(CONTROLLERS), "--leader-elect=false",
-                "--use-service-account-credentials",
-                "--service-account-private-key-file", self.certs["sa_key"],
-                "--root-ca-file", self.certs["ca"], "--cert-dir", os.path.join(self.workdir, "kcm-certs"),
-                "--v", "1"]
-
-    def _start(self, name: str, ready, timeout: float) -> None:
-        process = self._processes[name]
-        began = time.monotonic()
-        process.start()
-        deadline = began + timeout
-        while not ready():
-            if not process.running():
-                raise ControlPlaneError(f"{name} exited ({process.proc.returncode if process.proc else '?'}); "
-                                        f"last log lines ({process.log}):\n{process.log_tail()}")
-            if time.monotonic() > deadline:
-                tail = process.log_tail()
-                process.stop()
-                raise ControlPlaneError(f"{name} not ready after {timeout:.0f} s; last log lines "
-                                        f"({process.log}):\n{tail}")
-            time.sleep(0.1)
-        self.timings[name] = time.monotonic() - began
+    def compact_etcd(self) -> int:
+        """Compacts etcd's history up to its current revision (physically); returns the
+        revision. Older resourceVersions are gone from etcd afterwards (the API server's
+        watch cache may still serve them until it restarts)."""
+        revision = self.etcd_revision()
+        self._etcd_post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def _etcd_post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(self.etcd_url + path, data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.load(resp)
+        request = urllib.request.Request(self.etcd_url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as e:
+            raise ControlPlaneError(f"etcd {path}: {e.code} {e.read().decode(errors='replace')}") from None
+
+    # -- readiness -------------------------------------------------------------------
 
     def _etcd_healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.etcd_url + "/health", timeout=1) as resp:
+            with urllib.request.urlopen(self.etcd_url + "/health", timeout=2) as resp:
                 return json.load(resp).get("health") == "true"
         except (OSError, ValueError):
             return False
 
-    def _https_ok(self, url: str, token: str | None = None) -> bool:
-        import ssl
-
-        context = ssl.create_default_context(cafile=self.certs["ca"])
-        if url.startswith(f"https://127.0.0.1:{self.kcm_port}"):
-            context = ssl._create_unverified_context()  # kcm serves a self-signed cert of its own
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    def _apiserver_ready(self) -> bool:
+        context = ssl.create_default_context(cafile=self.pki.ca.cert)
+        context.load_cert_chain(self.pki.admin.cert, self.pki.admin.key)
         try:
-            with urllib.request.urlopen(request, timeout=2, context=context) as resp:
+            with urllib.request.urlopen(self.server + "/readyz", timeout=2, context=context) as resp:
                 return resp.status == 200
         except OSError:
             return False
 
-    def _apiserver_ready(self) -> bool:
-        return self._https_ok(f"{self.server}/readyz", self.admin_token)
+    def _default_service_account(self) -> bool:
+        from cilium_py.k8s.client import ApiError
 
-    def _kcm_healthy(self) -> bool:
-        return self._https_ok(f"https://127.0.0.1:{self.kcm_port}/healthz", self.admin_token)
+        kube = self.admin(timeout=5.0)
+        try:
+            return kube.get_or_none("ServiceAccount", "default", "default") is not None
+        except ApiError:
+            return False
+        finally:
+            kube.close()
+
+    # -- command lines ---------------------------------------------------------------
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.workdir, f"{name}.log")
+
+    def _etcd_argv(self, etcd: str) -> list[str]:
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        return [etcd, "--name", "ciliumpy", "--data-dir", os.path.join(self.workdir, "etcd-data"),
+                "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"ciliumpy={peer}", "--initial-cluster-state", "new",
+                # Data for one test session on a shared machine: an fsync per write would make
+                # every API request wait for the disk and buys nothing here.
+                "--unsafe-no-fsync", "--log-level", "warn"]
+
+    def _apiserver_argv(self, apiserver: str) -> list[str]:
+        pki = self.pki
+        return [apiserver, "--etcd-servers", self.etcd_url,
+                "--bind-address", "127.0.0.1", "--secure-port", str(self.api_port),
+                "--advertise-address", self.advertise_address,
+                "--tls-cert-file", pki.serving.cert, "--tls-private-key-file", pki.serving.key,
+                "--client-ca-file", pki.ca.cert,
+                "--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
+                "--service-account-issuer", SERVICE_ACCOUNT_ISSUER,
+                "--service-account-key-file", pki.service_account_pub,
+                "--service-account-signing-key-file", pki.service_account_key,
+                "--service-cluster-ip-range", SERVICE_CIDR, "--allow-privileged=true",
+                # Without a grace period for watches, a graceful stop waits a minute for the
+                # HTTP server to close the connections the watches hold.
+                f"--shutdown-watch-termination-grace-period={WATCH_DRAIN_SECONDS}s",
+                "--profiling=false"]
+
+    def _controller_manager_argv(self, kcm: str, kubeconfig: str) -> list[str]:
+        pki = self.pki
+        return [kcm, "--kubeconfig", kubeconfig,
+                "--controllers", ",".join(CONTROLLERS), "--use-service-account-credentials",
+                "--service-account-private-key-file", pki.service_account_key,
+                "--root-ca-file", pki.ca.cert, "--service-cluster-ip-range", SERVICE_CIDR,
+                "--leader-elect=false", "--bind-address", "127.0.0.1", "--secure-port", "0",
+                "--profiling=false"]

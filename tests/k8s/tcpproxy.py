@@ -9,6 +9,8 @@ import json
 import socket
 import threading
 
+import yaml
+
 
 class TcpProxy:
     def __init__(self, host: str, port: int):
@@ -48,7 +50,7 @@ class TcpProxy:
     def write_kubeconfig(self, source: str, path: str) -> str:
         """A copy of kubeconfig `source` whose server is this proxy."""
         with open(source) as f:
-            config = json.load(f)
+            config = yaml.safe_load(f)
         for cluster in config["clusters"]:
             cluster["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
         with open(path, "w") as f:

@@ -258,6 +258,7 @@ def test_endpoint_status_is_written_with_the_object_itself(kube, installed, name
     assert stored["status"] == _endpoint(namespace)["status"]    # no status subresource drops it
     assert parse_object(stored, "api") == CiliumEndpoint(
         namespace=namespace, name="web-1", source="api", created=stored["metadata"]["creationTimestamp"],
+        uid=stored["metadata"]["uid"],
         endpoint_id=1234, identity=12345, ipv4=("10.244.1.5",), node_ip="10.245.1.1", state="ready",
         named_ports=(NamedPort("http", 80, TCP),), encryption_key=0)
     with pytest.raises(ApiError) as missing:
@@ -304,7 +305,7 @@ def test_node_spec_and_status_are_stored_and_parse(kube, installed, cluster_scop
     node = parse_object(kube.get("CiliumNode", name), "api")
     assert node == CiliumNode(
         namespace=None, name=name, source="api", created=created["metadata"]["creationTimestamp"],
-        addresses=(CiliumNodeAddress("InternalIP", "10.245.1.1"), CiliumNodeAddress("CiliumInternalIP", "10.244.1.1")),
+        uid=created["metadata"]["uid"], addresses=(CiliumNodeAddress("InternalIP", "10.245.1.1"), CiliumNodeAddress("CiliumInternalIP", "10.244.1.1")),
         pod_cidrs=("10.244.1.0/24",), health_ipv4="10.244.1.9", operator_error="pool exhausted")
     header, row = control_plane.kubectl("get", "cn", name, check=True).stdout.splitlines()
     assert header.split()[:3] == ["NAME", "CILIUMINTERNALIP", "INTERNALIP"]

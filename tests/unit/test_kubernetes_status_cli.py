@@ -69,3 +69,25 @@ def test_status_json_carries_the_kubernetes_section(monkeypatch):
     assert "version unknown (GET /version: refused (0 x))" in result.output
     result = CliRunner().invoke(cli, ["status", "-o", "json"])
     assert json.loads(result.output)["kubernetes"]["resources"]["Namespace"]["state"] == "backoff"
+
+
+def test_status_shows_what_the_agent_keeps_in_the_api_server(monkeypatch):
+    kube = {"api_server": {"host": "h", "version": "v1.35.4", "version_error": ""}, "node_name": "n1",
+            "synced": True, "resources": {"Pod": _resource("watching")},
+            "ciliumnode": {"name": "n1", "state": "waiting-for-pod-cidr",
+                           "message": "waiting for the operator to allocate a pod CIDR "
+                                      "(spec.ipam.podCIDRs of CiliumNode n1)"},
+            "identities": {"held": 2, "known": 5, "created": 1, "adopted": 1},
+            "ciliumendpoints": {"endpoints": 3, "in_sync": 2, "writes": 4,
+                                "errors": {"prod/web": "create CiliumEndpoint prod/web: forbidden (403 Forbidden)"}},
+            "remote_endpoints": 7,
+            "policy_status": {"valid": 4, "invalid": 1, "writes": 5, "errors": {}}}
+    monkeypatch.setattr(agentapi, "call", lambda node, run_dir, method, *a: _status(kube))
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "CiliumNode:         Warn n1: waiting for the operator to allocate a pod CIDR" in out
+    assert "CiliumIdentities:   2 used here, 5 in the cluster (1 created, 1 adopted)" in out
+    assert "CiliumEndpoints:    2/3 written, 7 remote addresses" in out
+    assert "  prod/web: create CiliumEndpoint prod/web: forbidden" in out
+    assert "Policy status:      4 valid, 1 invalid" in out

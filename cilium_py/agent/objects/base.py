@@ -65,6 +65,7 @@ class Resource:
     labels: Labels = NO_LABELS
     source: str = ""
     created: str = ""            # metadata.creationTimestamp: orders claims to the older object
+    uid: str = ""                # metadata.uid: set by the API server (ownerReferences name it)
 
     def __post_init__(self):
         # Objects built in code (tests, benchmarks) may pass a plain dict; held as given it
@@ -94,11 +95,12 @@ class Meta:
     labels: Labels
     source: str
     created: str
+    uid: str = ""
 
     @property
     def common(self) -> dict:
         return {"namespace": self.namespace, "name": self.name, "labels": self.labels,
-                "source": self.source, "created": self.created}
+                "source": self.source, "created": self.created, "uid": self.uid}
 
 
 class Checker:
@@ -286,4 +288,6 @@ def parse_meta(cls: type[Resource], doc, source: str, where: str) -> tuple[Meta,
         c.error(path, message)
     labels = Labels(raw_labels) if isinstance(raw_labels, dict) and raw_labels else NO_LABELS
     created = meta.get("creationTimestamp")
-    return Meta(namespace, name, labels, source, "" if created is None else str(created)), c
+    uid = meta.get("uid")
+    return Meta(namespace, name, labels, source, "" if created is None else str(created),
+                uid if isinstance(uid, str) else ""), c
