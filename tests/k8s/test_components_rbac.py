@@ -1,11 +1,14 @@
 """The agent's and the operator's real Kubernetes code, each with a token of its own
 ServiceAccount under the roles operator/*.yaml install: every request they make is recorded,
-none may be refused (403) or fall outside cilium_py/k8s/rbac.py's table.
+none may be refused (403) or fall outside cilium_py/k8s/rbac.py's table, and each run needs
+every grant of its component's table, so the roles hold nothing the code does not use.
 
-Here: the agent's Kubernetes source, which lists and watches every kind the agent reads, and
-the whole operator (CRD install, Lease, IPAM, identity GC, scoped by a label to this test's
-objects), which must also need every grant of its table. (The CRD installer's create runs
-under the operator's role in test_manifests_rbac.py.)"""
+* the agent's Kubernetes source alone: lists and watches every kind the agent reads;
+* the agent's whole Kubernetes mode on the in-memory datapath backend: CiliumNode
+  registration (again after a deletion), identity allocation and un-marking,
+  CiliumEndpoints (created, patched, deleted), policy status;
+* the whole operator (CRD install, Lease, IPAM, identity GC), scoped by a label to this
+  test's objects; its CRD create runs under its role in test_manifests_rbac.py."""
 
 from __future__ import annotations
 
@@ -43,6 +46,19 @@ def until(client, condition, timeout: float = 60) -> None:
     assert condition()
 
 
+def _pod(namespace: str, name: str, node: str, app: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none",
+                                                       "ports": [{"containerPort": 80}]}]}}
+
+
+def _valid(kube, kind: str, name: str, namespace: str | None = None) -> bool:
+    doc = kube.get_or_none(kind, name, namespace)
+    conditions = ((doc or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Valid" for c in conditions)
+
+
 # -- the agent ----------------------------------------------------------------------------------
 
 def test_agent_source_lists_and_watches_every_kind_within_its_role(installed, kube, namespace):
@@ -51,10 +67,7 @@ def test_agent_source_lists_and_watches_every_kind_within_its_role(installed, ku
     from cilium_py.k8s.resources import WATCHED_KINDS, resource
 
     node = f"rbac-{uuid.uuid4().hex[:6]}"
-    kube.create("Pod", {"apiVersion": "v1", "kind": "Pod",
-                        "metadata": {"name": "web", "namespace": namespace, "labels": {"app": "web"}},
-                        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none"}]}},
-                namespace)
+    kube.create("Pod", _pod(namespace, "web", node, "web"), namespace)
     store = Store()
     with recording_client_as(installed, rbac.AGENT) as client:
         source = KubernetesSource(client, store, node_name=node)
@@ -72,6 +85,86 @@ def test_agent_source_lists_and_watches_every_kind_within_its_role(installed, ku
         for kind in WATCHED_KINDS:
             res = resource(kind)
             assert {(res.group, res.plural, "list"), (res.group, res.plural, "watch")} <= client.verbs(), kind
+
+
+def test_agent_kubernetes_mode_stays_within_its_role(installed, kube, namespace, tmp_path, cluster_objects):
+    from cilium_py.agent.backend import memory_backend
+    from cilium_py.agent.controller import ControlPlaneConfig
+    from cilium_py.agent.k8s.identities import HEARTBEAT_ANNOTATION
+    from cilium_py.agent.k8s.wiring import KubernetesMode
+    from cilium_py.datapath.config import DatapathConfig
+    from cilium_py.k8s.resources import WATCHED_KINDS, resource
+
+    node = f"rbac-{uuid.uuid4().hex[:6]}"
+    ccnp = f"rbac-{uuid.uuid4().hex[:6]}"
+    # A CiliumNode left with other addresses (updated), a CiliumEndpoint left by an earlier
+    # run of the agent (its create conflicts: patched instead).
+    kube.create("CiliumNode", {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                               "metadata": {"name": node}, "spec": {"addresses": []}})
+    cluster_objects.append(("CiliumNode", node))
+    kube.create("CiliumEndpoint", {"apiVersion": "cilium.io/v2", "kind": "CiliumEndpoint",
+                                   "metadata": {"name": "web-1", "namespace": namespace},
+                                   "status": {"id": 1}}, namespace)
+    kube.create("Pod", _pod(namespace, "web-1", node, "web"), namespace)
+    kube.create("CiliumNetworkPolicy", {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}]}]}}, namespace)
+    kube.create("CiliumClusterwideNetworkPolicy", {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+        "metadata": {"name": ccnp},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "nothing-" + ccnp}},
+                 "ingress": [{"fromEntities": ["cluster"]}]}})
+    cluster_objects.append(("CiliumClusterwideNetworkPolicy", ccnp))
+
+    with recording_client_as(installed, rbac.AGENT) as client:
+        mode = KubernetesMode(
+            client, ControlPlaneConfig(datapath=DatapathConfig(node=node, bpf_root="/nonexistent"),
+                                       node_netns="mem", router_ip="", pod_cidr="10.203.0.0/24",
+                                       state_dir=str(tmp_path / "state"), node_ips=("10.203.255.1",)),
+            node_name=node, backend_for=lambda router_ip: memory_backend(), sync_timeout=60)
+        try:
+            mode.start()
+            source = mode.source
+            assert sorted(source.reflectors) == sorted(WATCHED_KINDS), f"not watched: {source.skipped}"
+            until(client, lambda: all(r.watches for r in source.reflectors.values()), 60)
+            # The pod's endpoint published (create conflicted: patch), its identity allocated.
+            until(client, lambda: ((kube.get_or_none("CiliumEndpoint", "web-1", namespace) or {})
+                                 .get("status") or {}).get("identity"), 60)
+            ident = str(kube.get("CiliumEndpoint", "web-1", namespace)["status"]["identity"]["id"])
+            cluster_objects.append(("CiliumIdentity", ident))
+            until(client, lambda: _valid(kube, "CiliumNetworkPolicy", "web", namespace), 60)
+            until(client, lambda: _valid(kube, "CiliumClusterwideNetworkPolicy", ccnp), 60)
+            # The pod goes: so does its endpoint, and the node stops holding its identity.
+            # (Graceful deletion would wait for a kubelet, and there is none.)
+            kube.request("DELETE", resource("Pod").path(namespace, "web-1"),
+                         body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
+            until(client, lambda: kube.get_or_none("CiliumEndpoint", "web-1", namespace) is None, 60)
+            until(client, lambda: mode.identities.refcount(int(ident)) == 0, 30)
+            # The operator marks the unused identity for deletion; a new pod of the same
+            # labels makes the agent use it again, un-marking it.
+            kube.patch("CiliumIdentity", ident,
+                       {"metadata": {"annotations": {HEARTBEAT_ANNOTATION: "2026-01-01T00:00:00Z"}}})
+            kube.create("Pod", _pod(namespace, "web-2", node, "web"), namespace)
+            until(client, lambda: HEARTBEAT_ANNOTATION not in (kube.get("CiliumIdentity", ident)["metadata"]
+                                                             .get("annotations") or {}), 60)
+            # A CiliumNode deleted under the agent is registered again.
+            created = kube.get("CiliumNode", node)["metadata"]["uid"]
+            kube.delete("CiliumNode", node)
+            until(client, lambda: (kube.get_or_none("CiliumNode", node) or {"metadata": {"uid": created}})
+                        ["metadata"]["uid"] != created, 60)
+            errors = {k: r.last_error for k, r in source.reflectors.items() if r.last_error}
+            assert not errors
+        finally:
+            mode.stop()
+            mode.close()
+        assert not client.refused()
+        assert not client.beyond(rbac.AGENT)
+        for kind in WATCHED_KINDS:
+            res = resource(kind)
+            assert {(res.group, res.plural, "list"), (res.group, res.plural, "watch")} <= client.verbs()
+        assert not client.unused(rbac.AGENT)
 
 
 # -- the operator ------------------------------------------------------------------------------

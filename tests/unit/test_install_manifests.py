@@ -248,6 +248,9 @@ def test_agent_daemonset(manifests, tmp_path, monkeypatch):
     # The node's name reaches the agent (its bpffs and run directories) and the probe.
     assert ctx.params["node"] == SAMPLE_POD["spec.nodeName"]
     assert ctx.params["node_netns"] == SAMPLE_POD["spec.nodeName"]
+    assert ctx.params["k8s_node_name"] == SAMPLE_POD["spec.nodeName"]
+    # Kubernetes mode: no manifests directory (the pod's in-cluster configuration is used).
+    assert not ctx.params["manifests"] and not ctx.params["k8s_kubeconfig_path"]
     # The ConfigMap's options arrive, and land on the mounted host directories.
     assert ctx.params["bpf_root"].startswith("/sys/fs/bpf/")
     host = {m["mountPath"]: m for m in container["volumeMounts"]}
