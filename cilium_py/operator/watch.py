@@ -11,7 +11,6 @@ retried after the shared doubling backoff (a kind not served yet, its CRD missin
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable
 
@@ -46,7 +45,7 @@ class ChangeWatch:
         with self._lock:
             stream = self._stream
         if stream is not None:
-            _interrupt(stream)
+            stream.close()  # shuts the socket down: the reading thread wakes at once
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -95,16 +94,3 @@ class ChangeWatch:
                 self._stream = None
         return version
 
-
-def _interrupt(stream) -> None:
-    """Ends a watch another thread is reading. WatchStream.close() alone waits for the reader's
-    next chunk (the TLS socket's lock), up to a minute for a quiet kind (the next bookmark):
-    shutting the socket down first makes the read return at once."""
-    response = getattr(stream, "_resp", None)
-    sock = getattr(getattr(response, "connection", None), "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    stream.close()

@@ -57,6 +57,18 @@ def namespace(kube):
     kube.delete("Namespace", name, missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def cilium_crds(control_plane):
+    """Our CRDs installed (idempotent: a module whose tests delete them gets them back)."""
+    from cilium_py.operator.crds import install_crds, load_crds
+
+    kube = control_plane.admin()
+    try:
+        install_crds(kube, load_crds())
+    finally:
+        kube.close()
+
+
 @pytest.fixture
 def proxy(control_plane):
     from tests.k8s.tcpproxy import TcpProxy

@@ -17,7 +17,6 @@ from cilium_py.agent.k8s.identities import CRDIdentityAllocator
 from cilium_py.agent.k8s.node import WAITING
 from cilium_py.agent.k8s.wiring import KubernetesMode
 from cilium_py.datapath.config import DatapathConfig
-from cilium_py.operator.crds import install_crds, load_crds
 from cilium_py.vocab import EGRESS, IDENTITY_KUBE_APISERVER, INGRESS
 from tests.unit.waiting import poll
 
@@ -25,17 +24,8 @@ NODE_IP = "10.250.0.1"
 TIMEOUT = 30.0
 
 
-@pytest.fixture(scope="module")
-def crds(control_plane):
-    kube = control_plane.admin()
-    try:
-        install_crds(kube, load_crds())
-    finally:
-        kube.close()
-
-
 @pytest.fixture
-def node_name(kube, crds):
+def node_name(kube, cilium_crds):
     name = "node-" + uuid.uuid4().hex[:8]
     yield name
     kube.delete("CiliumNode", name, missing_ok=True)

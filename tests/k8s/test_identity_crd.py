@@ -17,19 +17,9 @@ from cilium_py.agent.k8s.identities import (
     probe_order,
 )
 from cilium_py.agent.labels import labels_key
-from cilium_py.operator.crds import install_crds, load_crds
 from cilium_py.vocab import LOCAL_IDENTITY_SCOPE
 
 KIND = "CiliumIdentity"
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane):
-    kube = control_plane.admin()
-    try:
-        install_crds(kube, load_crds())
-    finally:
-        kube.close()
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def stored(kube, namespace: str) -> dict[int, dict]:
     return {int(d["metadata"]["name"]): d["security-labels"] for d in items}
 
 
-def test_racing_agents_end_with_one_identity_per_label_set(control_plane, crds, ns_label, cleanup):
+def test_racing_agents_end_with_one_identity_per_label_set(control_plane, cilium_crds, ns_label, cleanup):
     sets = [label_set(ns_label, f"app{i}") for i in range(6)]
     agents = [CRDIdentityAllocator(control_plane.admin()) for _ in range(2)]
     threads_per_agent = 3
@@ -109,7 +99,7 @@ def test_racing_agents_end_with_one_identity_per_label_set(control_plane, crds, 
             agent.kube.close()
 
 
-def test_object_shape_and_namespace_label(kube, crds, ns_label, cleanup):
+def test_object_shape_and_namespace_label(kube, cilium_crds, ns_label, cleanup):
     labels = label_set(ns_label, "web")
     agent = CRDIdentityAllocator(kube)
     ident = agent.acquire(labels)
@@ -123,7 +113,7 @@ def test_object_shape_and_namespace_label(kube, crds, ns_label, cleanup):
     assert CRDIdentityAllocator(kube).acquire(labels) == ident, "another node finds it by its labels"
 
 
-def test_a_number_taken_by_other_labels_is_never_shared(kube, crds, ns_label, cleanup):
+def test_a_number_taken_by_other_labels_is_never_shared(kube, cilium_crds, ns_label, cleanup):
     labels = label_set(ns_label, "web")
     first = probe_order(labels_key(labels))[0]
     # Another namespace: the lookup by namespace label does not see it, the create meets it.
@@ -141,7 +131,7 @@ def test_a_number_taken_by_other_labels_is_never_shared(kube, crds, ns_label, cl
         kube.delete(KIND, str(first), missing_ok=True)
 
 
-def test_adopts_an_identity_marked_for_deletion_and_unmarks_it(kube, crds, ns_label, cleanup):
+def test_adopts_an_identity_marked_for_deletion_and_unmarks_it(kube, cilium_crds, ns_label, cleanup):
     labels = label_set(ns_label, "db")
     number = next(n for n in range(40000, 65535) if kube.get_or_none(KIND, str(n)) is None)
     doc = identity_object(number, labels)
@@ -154,7 +144,7 @@ def test_adopts_an_identity_marked_for_deletion_and_unmarks_it(kube, crds, ns_la
     assert HEARTBEAT_ANNOTATION not in annotations
 
 
-def test_cidr_identities_stay_on_the_node(kube, crds, tmp_path):
+def test_cidr_identities_stay_on_the_node(kube, cilium_crds, tmp_path):
     before = len(kube.list_all(KIND)[0])
     agent = CRDIdentityAllocator(kube, cidr_state_file=str(tmp_path / "cidr.json"))
     ident = agent.acquire_cidr("10.1.0.0/16")

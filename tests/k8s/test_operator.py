@@ -171,17 +171,6 @@ POOL_CIDR = "10.77.0.0/22"     # four /24 blocks
 SCOPE = "ciliumpy.test/scope"  # the label that keeps each test's objects its own
 
 
-@pytest.fixture(scope="module")
-def cilium_crds(control_plane):
-    from cilium_py.operator.crds import install_crds, load_crds
-
-    kube = control_plane.admin()
-    try:
-        install_crds(kube, load_crds())
-    finally:
-        kube.close()
-
-
 @pytest.fixture
 def cilium_nodes(kube):
     """Creates labelled CiliumNodes (cluster-scoped: deleted after the test)."""
