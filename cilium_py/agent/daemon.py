@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +38,7 @@ from cilium_py.datapath.maps.endpoints import ENDPOINT_F_HOST, EndpointMap
 from cilium_py.datapath.maps.ipcache import IPCacheMap
 from cilium_py.datapath.monitor import EventDecodeError, EventReader, decode
 from cilium_py.hubble.metrics import HubbleMetrics
+from cilium_py.signals import run_until_signalled
 from cilium_py.vocab import IDENTITY_HOST
 
 log = logging.getLogger(__name__)
@@ -390,11 +389,4 @@ class Agent:
             self.ipcache = None
 
     def run_forever(self) -> None:
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        self.start()
-        try:
-            done.wait()
-        finally:
-            self.stop()
+        run_until_signalled(self.start, self.stop)

@@ -16,7 +16,6 @@ pass runs every `resync_interval` regardless (see watch.py). Identity GC: one ru
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from cilium_py.operator.identitygc import (DEFAULT_GC_INTERVAL, DEFAULT_HEARTBEA
 from cilium_py.operator.ipam import ClusterPool, IPAMController
 from cilium_py.operator.leader import DEFAULT_NAMESPACE, LeaderElectionConfig, LeaderElector
 from cilium_py.operator.watch import ChangeWatch
+from cilium_py.signals import run_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,7 @@ class Operator:
         self.elector.stop(release=release)
 
     def run_forever(self) -> None:
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        self.start()
-        try:
-            done.wait()
-        finally:
-            self.stop()
+        run_until_signalled(self.start, self.stop)
 
     def _run(self) -> None:
         if self.config.install_crds:
